@@ -1,0 +1,497 @@
+"""The random-policy dataset: policies, parallel collection, the episode format, readers.
+
+Episode format (one compressed ``.npz`` per episode, ``data/episode_000123.npz``):
+
+=============  ===================  ======================================================
+key            dtype, shape         meaning
+=============  ===================  ======================================================
+``obs``        uint8 (T, 64, 64, 3) the frame the policy saw before action t
+``action``     float32 (T, 3)       action t (steer, gas, brake)
+``reward``     float32 (T,)         reward received for action t
+``terminated`` bool (T,)            the episode ended after action t (left the field, lap done)
+``truncated``  bool (T,)            the time limit cut the episode after action t
+``final_obs``  uint8 (64, 64, 3)    the frame after the last action, so that every action
+                                    has the frame that follows it
+``seed``       int64 ()             the track's seed
+=============  ===================  ======================================================
+
+So the frame that follows action t is ``obs[t + 1]`` (``final_obs`` for the last one).
+``manifest.json`` beside the episodes records the config, the seeds, the package
+versions and per-episode counts.
+
+Which random policy? The authors' dataset came from a random linear controller on
+untrained V and M features, whose actions change smoothly over time; the presets use the
+Brownian policy, a(t+1) = clip(a(t) + sqrt(dt) N(0, 1)), which shares that property
+without needing models: the car accelerates, turns and drives off the road for whole
+seconds, so the dataset covers speeds and positions that a policy re-drawing uniform
+actions every step (which jitters in place) never reaches.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from worldmodels.config import Config, DataConfig, EnvConfig
+from worldmodels.env import ACTION_HIGH, ACTION_LOW, make_env
+from worldmodels.runs import RunDir, as_run_dir, save_npz, write_json
+
+log = logging.getLogger(__name__)
+
+EPISODE_KEYS = ("obs", "action", "reward", "terminated", "truncated", "final_obs", "seed")
+
+
+class EpisodeError(RuntimeError):
+    """A missing, truncated or inconsistent episode file (the message names the file)."""
+
+
+# --- random policies ---------------------------------------------------------------------
+
+
+class RandomPolicy:
+    """Random actions for a vector of `n` environments.
+
+    'uniform': every action drawn independently, uniformly within the action bounds.
+    'brownian': a(t+1) = clip(a(t) + sqrt(dt) * N(0, 1), low, high), from a uniform a(0).
+    """
+
+    def __init__(self, kind: str, n: int, rng: np.random.Generator, dt: float = 1 / 50):
+        if kind not in ("uniform", "brownian"):
+            raise ValueError(f"policy must be 'uniform' or 'brownian', got {kind!r}")
+        self.kind, self.n, self.rng, self.dt = kind, n, rng, dt
+        self.action = self._uniform(n)
+
+    def _uniform(self, n: int) -> np.ndarray:
+        return self.rng.uniform(ACTION_LOW, ACTION_HIGH, size=(n, 3)).astype(np.float32)
+
+    def reset(self, mask: np.ndarray | None = None) -> None:
+        """Start new episodes in the environments where `mask` is True (all when None)."""
+        mask = np.ones(self.n, bool) if mask is None else np.asarray(mask, bool)
+        self.action[mask] = self._uniform(int(mask.sum()))
+
+    def __call__(self) -> np.ndarray:
+        if self.kind == "uniform":
+            self.action = self._uniform(self.n)
+        else:
+            step = math.sqrt(self.dt) * self.rng.standard_normal((self.n, 3))
+            self.action = np.clip(self.action + step, ACTION_LOW, ACTION_HIGH).astype(np.float32)
+        return self.action.copy()
+
+
+# --- the episode file --------------------------------------------------------------------
+
+
+@dataclass
+class Episode:
+    """One episode in memory (see the module docstring for the fields)."""
+
+    obs: np.ndarray
+    action: np.ndarray
+    reward: np.ndarray
+    terminated: np.ndarray
+    truncated: np.ndarray
+    final_obs: np.ndarray
+    seed: int
+
+    def __len__(self) -> int:
+        return len(self.action)
+
+    @property
+    def frames(self) -> np.ndarray:
+        """All T + 1 frames: obs followed by final_obs."""
+        return np.concatenate([self.obs, self.final_obs[None]])
+
+    @property
+    def done(self) -> np.ndarray:
+        """The episode really ended after action t (time-limit truncation is not an end)."""
+        return self.terminated
+
+
+def episode_path(data_dir: str | Path, index: int) -> Path:
+    return Path(data_dir) / f"episode_{index:06d}.npz"
+
+
+def save_episode(path: str | Path, ep: Episode) -> None:
+    """Write an episode atomically (temporary name, then rename)."""
+    save_npz(
+        path,
+        obs=np.asarray(ep.obs, np.uint8),
+        action=np.asarray(ep.action, np.float32),
+        reward=np.asarray(ep.reward, np.float32),
+        terminated=np.asarray(ep.terminated, bool),
+        truncated=np.asarray(ep.truncated, bool),
+        final_obs=np.asarray(ep.final_obs, np.uint8),
+        seed=np.int64(ep.seed),
+    )
+
+
+def load_episode(path: str | Path) -> Episode:
+    """Read and check one episode file; a truncated or inconsistent file raises EpisodeError."""
+    path = Path(path)
+    try:
+        with np.load(path) as f:
+            missing = [k for k in EPISODE_KEYS if k not in f.files]
+            if missing:
+                raise EpisodeError(f"{path}: missing arrays {missing}")
+            arrays = {k: f[k] for k in EPISODE_KEYS}
+    except EpisodeError:
+        raise
+    except FileNotFoundError as e:
+        raise EpisodeError(f"{path}: no such episode file") from e
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as e:
+        raise EpisodeError(f"{path}: corrupt or truncated episode file ({type(e).__name__}: {e})") from e
+    t = len(arrays["action"])
+    expected = {
+        "obs": (t,), "action": (t, 3), "reward": (t,), "terminated": (t,), "truncated": (t,),
+    }
+    for key, prefix in expected.items():
+        if arrays[key].shape[: len(prefix)] != prefix:
+            raise EpisodeError(f"{path}: {key} has shape {arrays[key].shape}, expected first dims {prefix}")
+    if t == 0 or arrays["obs"].shape[1:] != arrays["final_obs"].shape:
+        raise EpisodeError(f"{path}: empty episode or obs/final_obs shapes disagree")
+    return Episode(**{k: arrays[k] for k in EPISODE_KEYS[:-1]}, seed=int(arrays["seed"]))
+
+
+def episode_files(data_dir: str | Path) -> list[Path]:
+    """The episode files of a data directory, sorted by index."""
+    files = sorted(Path(data_dir).glob("episode_*.npz"))
+    return files
+
+
+def split_episodes(files: Sequence[Path], test_fraction: float, seed: int = 0) -> tuple[list[Path], list[Path]]:
+    """Split episode files into (train, test) by episode, reproducibly for a given seed.
+
+    At least one test episode when `test_fraction` > 0 and there are two or more episodes.
+    """
+    files = sorted(files)
+    n_test = int(round(len(files) * test_fraction))
+    if test_fraction > 0 and len(files) >= 2:
+        n_test = max(n_test, 1)
+    order = np.random.default_rng(seed).permutation(len(files))
+    test = sorted(files[i] for i in order[:n_test])
+    train = sorted(files[i] for i in order[n_test:])
+    return train, test
+
+
+# --- collection --------------------------------------------------------------------------
+
+
+def _collect_group(env_cfg: EnvConfig, data_cfg: DataConfig, data_dir: str, indices: list[int]) -> list[dict]:
+    """Run one vector of environments, one episode each, and write the episode files."""
+    from gymnasium.vector import AutoresetMode, SyncVectorEnv
+
+    n = len(indices)
+    seeds = [data_cfg.seed + i for i in indices]
+    envs = SyncVectorEnv([lambda: make_env(env_cfg)] * n, autoreset_mode=AutoresetMode.DISABLED)
+    policy = RandomPolicy(data_cfg.policy, n, np.random.default_rng(seeds), data_cfg.brownian_dt)
+    obs, _ = envs.reset(seed=seeds)
+    T = data_cfg.episode_steps
+    buf = {
+        "obs": np.zeros((n, T, *obs.shape[1:]), np.uint8),
+        "action": np.zeros((n, T, 3), np.float32),
+        "reward": np.zeros((n, T), np.float32),
+        "terminated": np.zeros((n, T), bool),
+        "truncated": np.zeros((n, T), bool),
+    }
+    length = np.full(n, T)
+    final_obs = np.zeros_like(obs)
+    alive = np.ones(n, bool)
+    for t in range(T):
+        action = policy()
+        buf["obs"][:, t] = obs
+        buf["action"][:, t] = action
+        obs, reward, terminated, truncated, _ = envs.step(action)
+        truncated = truncated | (t == T - 1)
+        for key, value in (("reward", reward), ("terminated", terminated), ("truncated", truncated)):
+            buf[key][alive, t] = value[alive]
+        ended = alive & (terminated | truncated)
+        final_obs[ended] = obs[ended]
+        length[ended] = t + 1
+        alive &= ~ended
+        if not alive.any():
+            break
+    envs.close()
+    out = []
+    for j, index in enumerate(indices):
+        L = length[j]
+        ep = Episode(**{k: v[j, :L] for k, v in buf.items()}, final_obs=final_obs[j], seed=seeds[j])
+        save_episode(episode_path(data_dir, index), ep)
+        out.append(_episode_record(index, ep))
+    return out
+
+
+def _episode_record(index: int, ep: Episode) -> dict:
+    return {
+        "index": index,
+        "file": episode_path("", index).name,
+        "seed": ep.seed,
+        "steps": len(ep),
+        "return": float(ep.reward.sum()),
+        "terminated": bool(ep.terminated[-1]),
+    }
+
+
+def _versions() -> dict[str, str]:
+    import gymnasium
+
+    import worldmodels
+
+    return {
+        "worldmodels": worldmodels.__version__,
+        "gymnasium": gymnasium.__version__,
+        "numpy": np.__version__,
+        "python": sys.version.split()[0],
+    }
+
+
+def collect(cfg: Config, run: str | Path | RunDir, *, quiet: bool = False, workers: int | None = None) -> list[Path]:
+    """Collect `cfg.data.episodes` random-policy episodes into ``run/data`` in parallel.
+
+    Episode i is driven on the track of seed ``cfg.data.seed + i``. Episodes already on
+    disk are kept, so a second call after an interruption resumes where the first
+    stopped. Returns the episode files.
+    """
+    from worldmodels.parallel import local_executor, resolve_workers
+
+    run = as_run_dir(run)
+    run.bind(cfg)
+    data_dir = run.data
+    todo = [i for i in range(cfg.data.episodes) if not episode_path(data_dir, i).exists()]
+    per = cfg.data.envs_per_worker
+    groups = [todo[k : k + per] for k in range(0, len(todo), per)]
+    n_workers = min(resolve_workers(workers if workers is not None else cfg.data.workers), max(len(groups), 1))
+    bar = tqdm(total=cfg.data.episodes, initial=cfg.data.episodes - len(todo), desc="collect", unit="ep", disable=quiet or None)
+    try:
+        if n_workers <= 1:
+            for g in groups:
+                _collect_group(cfg.env, cfg.data, str(data_dir), g)
+                bar.update(len(g))
+        else:
+            from concurrent.futures import as_completed
+
+            with local_executor(n_workers) as pool:
+                futures = [pool.submit(_collect_group, cfg.env, cfg.data, str(data_dir), g) for g in groups]
+                for fut in as_completed(futures):
+                    bar.update(len(fut.result()))
+    finally:
+        bar.close()
+    write_manifest(cfg, run)
+    return [episode_path(data_dir, i) for i in range(cfg.data.episodes)]
+
+
+def write_manifest(cfg: Config, run: RunDir) -> dict:
+    """Write ``data/manifest.json`` from the episode files on disk."""
+    records = []
+    for path in episode_files(run.data):
+        index = int(path.stem.split("_")[1])
+        records.append(_episode_record(index, load_episode(path)))
+    manifest = {
+        "env": cfg.to_dict()["env"],
+        "data": cfg.to_dict()["data"],
+        "versions": _versions(),
+        "episodes": len(records),
+        "steps": int(sum(r["steps"] for r in records)),
+        "seeds": [r["seed"] for r in records],
+        "per_episode": records,
+    }
+    write_json(run.data / "manifest.json", manifest)
+    return manifest
+
+
+def read_manifest(run: str | Path | RunDir) -> dict:
+    path = as_run_dir(run).data / "manifest.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no manifest; collect the data first")
+    return json.loads(path.read_text())
+
+
+# --- readers -----------------------------------------------------------------------------
+
+
+def _load_or_skip(path: Path, skip_corrupt: bool, loader=load_episode):
+    try:
+        return loader(path)
+    except EpisodeError as e:
+        if not skip_corrupt:
+            raise
+        warnings.warn(f"skipping {e}", stacklevel=3)
+        return None
+
+
+class FrameDataset(torch.utils.data.IterableDataset):
+    """Shuffled batches of frames for V, holding at most `shuffle_episodes` episodes in memory.
+
+    Each epoch visits the episodes in a new random order, `shuffle_episodes` at a time;
+    from each it draws `frames_per_episode` frames (all when 0, including the final
+    frame), shuffles the pooled frames and yields uint8 tensors (B, 64, 64, 3).
+    Call :meth:`set_epoch` before each epoch for a new order.
+    """
+
+    def __init__(
+        self,
+        files: Sequence[Path],
+        batch_size: int,
+        *,
+        frames_per_episode: int = 0,
+        shuffle_episodes: int = 32,
+        seed: int = 0,
+        drop_last: bool = True,
+        skip_corrupt: bool = False,
+    ):
+        if not files:
+            raise ValueError("FrameDataset needs at least one episode file")
+        self.files, self.batch_size = list(files), batch_size
+        self.frames_per_episode, self.shuffle_episodes = frames_per_episode, shuffle_episodes
+        self.seed, self.epoch, self.drop_last, self.skip_corrupt = seed, 0, drop_last, skip_corrupt
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _frames(self, path: Path, rng: np.random.Generator) -> np.ndarray | None:
+        ep = _load_or_skip(path, self.skip_corrupt)
+        if ep is None:
+            return None
+        frames = ep.frames
+        if self.frames_per_episode and self.frames_per_episode < len(frames):
+            frames = frames[np.sort(rng.choice(len(frames), self.frames_per_episode, replace=False))]
+        return frames
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(len(self.files))
+        carry = np.zeros((0,), np.uint8)
+        for k in range(0, len(order), self.shuffle_episodes):
+            chunk = [self._frames(self.files[i], rng) for i in order[k : k + self.shuffle_episodes]]
+            chunk = [c for c in chunk if c is not None]
+            pool = np.concatenate(([carry] if len(carry) else []) + chunk)
+            pool = pool[rng.permutation(len(pool))]
+            n_full = len(pool) // self.batch_size * self.batch_size
+            for b in range(0, n_full, self.batch_size):
+                yield torch.from_numpy(pool[b : b + self.batch_size])
+            carry = pool[n_full:]
+        if len(carry) and not self.drop_last:
+            yield torch.from_numpy(carry)
+
+    def num_frames(self) -> int:
+        """Frames per epoch (reads each file's header only)."""
+        total = 0
+        for f in self.files:
+            with np.load(f) as z:
+                n = len(z["action"]) + 1
+            total += min(n, self.frames_per_episode) if self.frames_per_episode else n
+        return total
+
+
+def latent_path(latent_dir: str | Path, episode_file: str | Path) -> Path:
+    return Path(latent_dir) / Path(episode_file).name
+
+
+LATENT_KEYS = ("mu", "logvar", "action", "reward", "terminated")
+
+
+def save_latents(path: str | Path, mu: np.ndarray, logvar: np.ndarray, ep: Episode) -> None:
+    """An episode's latents: mu and logvar float16 (T + 1, Z) with its actions, rewards, ends."""
+    save_npz(
+        path,
+        mu=np.asarray(mu, np.float16),
+        logvar=np.asarray(logvar, np.float16),
+        action=ep.action.astype(np.float32),
+        reward=ep.reward.astype(np.float32),
+        terminated=ep.terminated.astype(bool),
+    )
+
+
+def load_latents(path: str | Path) -> dict[str, np.ndarray]:
+    path = Path(path)
+    try:
+        with np.load(path) as f:
+            out = {k: f[k] for k in LATENT_KEYS}
+    except FileNotFoundError as e:
+        raise EpisodeError(f"{path}: no such latent file") from e
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as e:
+        raise EpisodeError(f"{path}: corrupt or truncated latent file ({type(e).__name__}: {e})") from e
+    if out["mu"].shape != out["logvar"].shape or len(out["mu"]) != len(out["action"]) + 1:
+        raise EpisodeError(f"{path}: mu {out['mu'].shape}, logvar {out['logvar'].shape}, action {out['action'].shape} disagree")
+    return out
+
+
+class SequenceDataset(torch.utils.data.Dataset):
+    """Aligned windows of `seq_len` transitions for M, read from disk one episode at a time.
+
+    Item keys (L = seq_len):
+
+    * ``frames`` uint8 (L + 1, 64, 64, 3) with ``source='obs'``, or ``mu`` and ``logvar``
+      float32 (L + 1, Z) with ``source='latent'``: frame t and, at t + 1, the frame
+      that follows action t;
+    * ``action`` (L, 3), ``reward`` (L,), ``done`` (L,) float32: the transition t -> t + 1;
+    * ``mask`` (L,) bool: False on padding, when an episode is shorter than `seq_len`.
+
+    Windows tile each episode from its start; a last window ends on its final
+    transition, so that the end of every episode (and its done flag) is seen.
+    """
+
+    def __init__(self, files: Sequence[Path], seq_len: int, source: str = "latent", *, skip_corrupt: bool = False):
+        if source not in ("obs", "latent"):
+            raise ValueError(f"source must be 'obs' or 'latent', got {source!r}")
+        self.seq_len, self.source = seq_len, source
+        self.files: list[Path] = []
+        self.index: list[tuple[int, int]] = []
+        loader = load_episode if source == "obs" else load_latents
+        for path in files:
+            ep = _load_or_skip(Path(path), skip_corrupt, loader)
+            if ep is None:
+                continue
+            T = len(ep) if source == "obs" else len(ep["action"])
+            starts = list(range(0, max(T - seq_len, 0) + 1, seq_len))
+            if T > seq_len and starts[-1] != T - seq_len:
+                starts.append(T - seq_len)
+            self.index += [(len(self.files), s) for s in starts]
+            self.files.append(Path(path))
+        if not self.index:
+            raise ValueError("SequenceDataset: no readable episodes")
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        file_index, s = self.index[i]
+        path, L = self.files[file_index], self.seq_len
+        if self.source == "obs":
+            ep = load_episode(path)
+            arrays = {"frames": ep.frames, "action": ep.action, "reward": ep.reward, "done": ep.terminated}
+        else:
+            lat = load_latents(path)
+            arrays = {
+                "mu": lat["mu"].astype(np.float32),
+                "logvar": lat["logvar"].astype(np.float32),
+                "action": lat["action"],
+                "reward": lat["reward"],
+                "done": lat["terminated"],
+            }
+        T = len(arrays["action"])
+        n = min(L, T - s)
+        out = {}
+        for key, value in arrays.items():
+            length = L + 1 if key in ("frames", "mu", "logvar") else L
+            window = value[s : s + min(length, n + length - L)]
+            pad = length - len(window)
+            if pad:
+                window = np.concatenate([window, np.zeros((pad, *window.shape[1:]), window.dtype)])
+            out[key] = torch.from_numpy(np.ascontiguousarray(window))
+        for key in ("action", "reward", "done"):
+            out[key] = out[key].float()
+        mask = torch.zeros(L, dtype=torch.bool)
+        mask[:n] = True
+        out["mask"] = mask
+        return out

@@ -1,0 +1,139 @@
+"""The run directory: where each stage writes, atomic saving and loading, config checks.
+
+A run directory holds ``config.json`` and one folder per stage (``data/``, ``vae/``,
+``latents/``, ``mdrnn/``, ``controller/``, ``eval/``). Every file is written to a
+temporary name in the same folder and renamed into place, so an interrupted job never
+leaves a half-written file behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from worldmodels.config import Config
+
+STAGES = ("data", "vae", "latents", "mdrnn", "controller", "eval")
+
+
+class RunDirError(RuntimeError):
+    """A run directory that cannot be used as asked (for example, made with another config)."""
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success rename it to `path`, else delete it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise RunDirError(f"{path}: not valid JSON ({e})") from e
+
+
+def save_npz(path: str | Path, **arrays: np.ndarray) -> None:
+    """Compressed .npz written atomically."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
+
+
+def save_tensors(path: str | Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """Torch tensors to a safetensors file, written atomically."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+
+
+def load_tensors(path: str | Path, device: str = "cpu") -> dict:
+    """Tensors from a safetensors file (no pickle involved)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such weights file")
+    return load_file(str(path), device=device)
+
+
+class RunDir:
+    """Paths of one run and the check that it is only ever used with one config."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.json"
+
+    def stage(self, name: str) -> Path:
+        if name not in STAGES:
+            raise ValueError(f"unknown stage {name!r}: one of {', '.join(STAGES)}")
+        d = self.path / name
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    data = property(lambda self: self.stage("data"))
+    vae = property(lambda self: self.stage("vae"))
+    latents = property(lambda self: self.stage("latents"))
+    mdrnn = property(lambda self: self.stage("mdrnn"))
+    controller = property(lambda self: self.stage("controller"))
+    eval = property(lambda self: self.stage("eval"))
+
+    def load_config(self) -> Config | None:
+        return Config.load(self.config_path) if self.config_path.exists() else None
+
+    def bind(self, cfg: Config) -> Config:
+        """Record `cfg` in a new run directory, or check it against the recorded one.
+
+        Fields that only change speed (workers, device, ...) may differ; any other
+        difference raises :class:`RunDirError` listing the fields, so that results of
+        two configs are never mixed in one directory.
+        """
+        self.path.mkdir(parents=True, exist_ok=True)
+        recorded = self.load_config()
+        if recorded is None:
+            write_json(self.config_path, cfg.to_dict())
+            return cfg
+        diff = recorded.differences(cfg)
+        if diff:
+            raise RunDirError(
+                f"{self.config_path} was written by another config; refusing to mix results. "
+                f"Differences (recorded != requested): {'; '.join(diff)}. "
+                "Use a new --run-dir, or delete the directory to start over."
+            )
+        return cfg
+
+
+def as_run_dir(run: str | Path | RunDir) -> RunDir:
+    return run if isinstance(run, RunDir) else RunDir(run)
