@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import tyro
+
 CARRACING_MAX_STEPS = 1000
 """CarRacing-v3's time limit (gymnasium truncates an episode after 1,000 steps)."""
 
@@ -239,9 +241,9 @@ class EvalConfig(_Section):
 class Config(_Section):
     """The whole pipeline's configuration."""
 
-    scale: str = "paper"
+    scale: tyro.conf.Suppress[str] = "paper"
     """The preset this config started from ('tiny', 'book' or 'paper')."""
-    seed: int = _bounded(0, 0, 2**31 - 1)
+    train_seed: int = _bounded(0, 0, 2**31 - 1)
     """Seed of the training runs of V and M (weights, shuffling, sampled z)."""
     device: str = _runtime("auto")
     """Torch device for V and M: 'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ..."""

@@ -1,0 +1,36 @@
+# `make test` and `make book` create .venv when missing, install the project once, then do their job.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export PYTHONDONTWRITEBYTECODE := 1
+export SDL_VIDEODRIVER ?= dummy
+export MPLBACKEND ?= Agg
+
+.PHONY: install test test-package test-book book benchmarks clean
+
+install: $(STAMP)
+
+# torch first, pinned to the CPU wheel, so that no multi-GB CUDA build is pulled on a CPU
+# machine; a torch already in .venv (for example a CUDA build installed by hand) is kept.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+test: test-package test-book
+
+test-package: $(STAMP)
+	$(PY) -m pytest -q tests
+
+test-book: $(STAMP)
+
+book: $(STAMP)
+
+benchmarks: $(STAMP)
+	for f in benchmarks/bench_*.py; do $(PY) $$f || exit 1; done
+
+clean:
+	rm -rf _build .pytest_cache
