@@ -111,6 +111,8 @@ class DataConfig(_Section):
     """Worker processes (0: one per CPU core)."""
     envs_per_worker: int = _bounded(4, 1, 256, runtime=True)
     """Environments stepped together in each worker."""
+    skip_corrupt: bool = _runtime(False)
+    """Skip corrupt or truncated episode files with a warning instead of stopping with an error."""
 
     _section = "data"
     _choices = {"policy": ("brownian", "uniform")}

@@ -60,33 +60,45 @@ class EpisodeError(RuntimeError):
 
 
 class RandomPolicy:
-    """Random actions for a vector of `n` environments.
+    """Random actions for a vector of environments, each with its own random stream.
 
     'uniform': every action drawn independently, uniformly within the action bounds.
     'brownian': a(t+1) = clip(a(t) + sqrt(dt) * N(0, 1), low, high), from a uniform a(0).
+
+    `rngs` holds one generator per environment, so an episode's actions depend only on
+    its own seed, not on which other episodes share the vector.
     """
 
-    def __init__(self, kind: str, n: int, rng: np.random.Generator, dt: float = 1 / 50):
+    def __init__(self, kind: str, rngs: Sequence[np.random.Generator], dt: float = 1 / 50):
         if kind not in ("uniform", "brownian"):
             raise ValueError(f"policy must be 'uniform' or 'brownian', got {kind!r}")
-        self.kind, self.n, self.rng, self.dt = kind, n, rng, dt
-        self.action = self._uniform(n)
+        self.kind, self.rngs, self.dt = kind, list(rngs), dt
+        self.n = len(self.rngs)
+        self.action = np.zeros((self.n, 3), np.float32)
+        self.reset()
 
-    def _uniform(self, n: int) -> np.ndarray:
-        return self.rng.uniform(ACTION_LOW, ACTION_HIGH, size=(n, 3)).astype(np.float32)
+    def _uniform(self, i: int) -> np.ndarray:
+        return self.rngs[i].uniform(ACTION_LOW, ACTION_HIGH)
 
     def reset(self, mask: np.ndarray | None = None) -> None:
         """Start new episodes in the environments where `mask` is True (all when None)."""
         mask = np.ones(self.n, bool) if mask is None else np.asarray(mask, bool)
-        self.action[mask] = self._uniform(int(mask.sum()))
+        for i in np.flatnonzero(mask):
+            self.action[i] = self._uniform(i)
 
     def __call__(self) -> np.ndarray:
-        if self.kind == "uniform":
-            self.action = self._uniform(self.n)
-        else:
-            step = math.sqrt(self.dt) * self.rng.standard_normal((self.n, 3))
-            self.action = np.clip(self.action + step, ACTION_LOW, ACTION_HIGH).astype(np.float32)
+        for i, rng in enumerate(self.rngs):
+            if self.kind == "uniform":
+                self.action[i] = self._uniform(i)
+            else:
+                step = math.sqrt(self.dt) * rng.standard_normal(3)
+                self.action[i] = np.clip(self.action[i] + step, ACTION_LOW, ACTION_HIGH)
         return self.action.copy()
+
+
+def policy_rngs(seeds: Sequence[int]) -> list[np.random.Generator]:
+    """One generator per episode seed, independent of the environment's own seeding."""
+    return [np.random.default_rng([s, 0x5EED]) for s in seeds]
 
 
 # --- the episode file --------------------------------------------------------------------
@@ -194,7 +206,7 @@ def _collect_group(env_cfg: EnvConfig, data_cfg: DataConfig, data_dir: str, indi
     n = len(indices)
     seeds = [data_cfg.seed + i for i in indices]
     envs = SyncVectorEnv([lambda: make_env(env_cfg)] * n, autoreset_mode=AutoresetMode.DISABLED)
-    policy = RandomPolicy(data_cfg.policy, n, np.random.default_rng(seeds), data_cfg.brownian_dt)
+    policy = RandomPolicy(data_cfg.policy, policy_rngs(seeds), data_cfg.brownian_dt)
     obs, _ = envs.reset(seed=seeds)
     T = data_cfg.episode_steps
     buf = {
@@ -242,6 +254,23 @@ def _episode_record(index: int, ep: Episode) -> dict:
     }
 
 
+def _record_from_file(path: Path) -> dict:
+    """The manifest's record of an episode, reading only its small arrays (not the frames)."""
+    try:
+        with np.load(path) as f:
+            reward, terminated, seed = f["reward"], f["terminated"], int(f["seed"])
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as e:
+        raise EpisodeError(f"{path}: corrupt or truncated episode file ({type(e).__name__}: {e})") from e
+    return {
+        "index": int(path.stem.split("_")[1]),
+        "file": path.name,
+        "seed": seed,
+        "steps": len(reward),
+        "return": float(reward.sum()),
+        "terminated": bool(terminated[-1]),
+    }
+
+
 def _versions() -> dict[str, str]:
     import gymnasium
 
@@ -267,6 +296,8 @@ def collect(cfg: Config, run: str | Path | RunDir, *, quiet: bool = False, worke
     run = as_run_dir(run)
     run.bind(cfg)
     data_dir = run.data
+    for stray in data_dir.glob(".*.tmp"):  # left by a killed collection; never a finished episode
+        stray.unlink()
     todo = [i for i in range(cfg.data.episodes) if not episode_path(data_dir, i).exists()]
     per = cfg.data.envs_per_worker
     groups = [todo[k : k + per] for k in range(0, len(todo), per)]
@@ -294,8 +325,12 @@ def write_manifest(cfg: Config, run: RunDir) -> dict:
     """Write ``data/manifest.json`` from the episode files on disk."""
     records = []
     for path in episode_files(run.data):
-        index = int(path.stem.split("_")[1])
-        records.append(_episode_record(index, load_episode(path)))
+        try:
+            records.append(_record_from_file(path))
+        except EpisodeError:
+            if not cfg.data.skip_corrupt:
+                raise
+            warnings.warn(f"manifest: skipping corrupt {path}", stacklevel=2)
     manifest = {
         "env": cfg.to_dict()["env"],
         "data": cfg.to_dict()["data"],

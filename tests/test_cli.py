@@ -1,0 +1,50 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from worldmodels.cli import main
+
+
+def run_cli(*args, check=True):
+    out = subprocess.run([sys.executable, "-m", "worldmodels", *args], capture_output=True, text=True, timeout=300)
+    if check:
+        assert out.returncode == 0, out.stderr
+    return out
+
+
+def test_collect_end_to_end_at_tiny(tmp_path):
+    out = run_cli("collect", "--scale", "tiny", "--run-dir", str(tmp_path), "--data.episodes", "2", "--quiet")
+    assert "2 episodes" in out.stdout
+    assert len(list((tmp_path / "data").glob("episode_*.npz"))) == 2
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["scale"] == "tiny" and config["data"]["episodes"] == 2
+    manifest = json.loads((tmp_path / "data" / "manifest.json").read_text())
+    assert manifest["episodes"] == 2
+
+
+def test_help_lists_every_field_with_its_meaning():
+    out = run_cli("collect", "--help")
+    assert "--data.episodes" in out.stdout and "Number of episodes to collect" in out.stdout
+    assert "--vae.kl-tolerance" in out.stdout and "Free bits" in out.stdout
+    assert "--run-dir" in out.stdout
+
+
+def test_scale_sets_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["collect", "--scale", "paper", "--help"])
+    assert "10000" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["collect", "--scale", "tiny", "--help"])
+    assert "(default: 4)" in capsys.readouterr().out
+
+
+def test_bad_values_fail_with_the_field_named(tmp_path):
+    out = run_cli("collect", "--scale", "tiny", "--run-dir", str(tmp_path), "--data.episodes", "-3", check=False)
+    assert out.returncode != 0 and "data.episodes" in out.stderr + out.stdout
+    out = run_cli("collect", "--scale", "huge", "--run-dir", str(tmp_path), check=False)
+    assert out.returncode != 0 and "huge" in out.stderr
+    run_cli("collect", "--scale", "tiny", "--run-dir", str(tmp_path), "--data.episodes", "1", "--quiet")
+    out = run_cli("collect", "--scale", "tiny", "--run-dir", str(tmp_path), "--data.episodes", "2", check=False)
+    assert out.returncode != 0 and "refusing to mix" in out.stderr and "Traceback" not in out.stderr
