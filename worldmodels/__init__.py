@@ -1,3 +1,24 @@
-"""World Models (Ha & Schmidhuber, 2018) in PyTorch on gymnasium's CarRacing-v3."""
+"""World Models (Ha & Schmidhuber, 2018) in PyTorch on gymnasium's CarRacing-v3.
+
+``import worldmodels as wm`` is light: each submodule (``wm.config``, ``wm.data``,
+``wm.vae``, ...) is imported the first time it is used.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
+
+_SUBMODULES = (
+    "carracing", "cli", "config", "controller", "data", "dream", "env", "evolution", "mdrnn",
+    "parallel", "pretrained", "rollout", "runs", "train", "vae", "viz",
+)
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"worldmodels.{name}")
+    raise AttributeError(f"module 'worldmodels' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_SUBMODULES))
