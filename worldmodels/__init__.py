@@ -14,6 +14,26 @@ _SUBMODULES = (
 )
 
 
+def register_envs() -> None:
+    """Register ``worldmodels/CarRacing-v3`` (the fast, bit-identical renderer) with gymnasium.
+
+    Called on import; idempotent. The entry point is a string, so nothing heavy
+    (pygame, Box2D) is imported until the environment is made.
+    """
+    import gymnasium
+
+    if "worldmodels/CarRacing-v3" not in gymnasium.registry:
+        gymnasium.register(
+            id="worldmodels/CarRacing-v3",
+            entry_point="worldmodels.carracing:FastCarRacing",
+            max_episode_steps=1000,
+            reward_threshold=900,
+        )
+
+
+register_envs()
+
+
 def __getattr__(name: str):
     if name in _SUBMODULES:
         return importlib.import_module(f"worldmodels.{name}")

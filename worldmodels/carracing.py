@@ -38,6 +38,7 @@ from gymnasium.envs.box2d.car_racing import (
     WINDOW_W,
     ZOOM,
     CarRacing,
+    FrictionDetector,
 )
 from pygame import gfxdraw, surfarray
 
@@ -55,6 +56,7 @@ UPSTREAM_SHA256 = {
     "CarRacing._create_track": "ccb2c74cab38d190ef199a586850f33790f617287a6c2c88d5df608d337e4b6d",
     "CarRacing.reset": "80680a0d97da121dc371027c836c3abf9e487ec63f4f56513d7e8373a3a525e1",
     "CarRacing.step": "de283b9e2051b893b12077bb8150c0957bc8727b0cb517db17e003aa40f75613",
+    "FrictionDetector._contact": "4032cb637d9714878303c7c3f7e8ff64e8166cd819bdbaf90ef5af3475d73f2f",
     "Car.draw": "c83f372eedd2fd25d40f011265d2cbc5977cc0388fa73165fb5fb65874e16cff",
 }
 
@@ -82,6 +84,7 @@ def upstream_mismatches() -> list[str]:
         "CarRacing._create_track": CarRacing._create_track,
         "CarRacing.reset": CarRacing.reset,
         "CarRacing.step": CarRacing.step,
+        "FrictionDetector._contact": FrictionDetector._contact,
         "Car.draw": Car.draw,
     }
     return [
@@ -123,21 +126,22 @@ _FIELD = np.array(
 )
 
 
-def _covers_view(xs: np.ndarray, ys: np.ndarray) -> bool:
+def _covers_view(xs: list[float], ys: list[float]) -> bool:
     """True if the convex quad holds every kept pixel with a margin, and fits gfxdraw's int16."""
-    if np.abs(xs).max() > 32000 or np.abs(ys).max() > 32000:
+    if max(map(abs, xs + ys)) > 32000:
         return False
-    corners = np.array(
-        [
-            (-_MARGIN, _KEEP_TOP - _MARGIN),
-            (WINDOW_W + _MARGIN, _KEEP_TOP - _MARGIN),
-            (WINDOW_W + _MARGIN, WINDOW_H + _MARGIN),
-            (-_MARGIN, WINDOW_H + _MARGIN),
-        ]
+    corners = (
+        (-_MARGIN, _KEEP_TOP - _MARGIN),
+        (WINDOW_W + _MARGIN, _KEEP_TOP - _MARGIN),
+        (WINDOW_W + _MARGIN, WINDOW_H + _MARGIN),
+        (-_MARGIN, WINDOW_H + _MARGIN),
     )
-    ex, ey = np.roll(xs, -1) - xs, np.roll(ys, -1) - ys
-    cross = ex[:, None] * (corners[None, :, 1] - ys[:, None]) - ey[:, None] * (corners[None, :, 0] - xs[:, None])
-    return bool((cross > 0).all() or (cross < 0).all())
+    signs = set()
+    for i in range(4):
+        x0, y0, x1, y1 = xs[i - 1], ys[i - 1], xs[i], ys[i]
+        for px, py in corners:
+            signs.add((x1 - x0) * (py - y0) - (y1 - y0) * (px - x0) > 0)
+    return len(signs) == 1
 
 
 class FastCarRacing(CarRacing):
@@ -148,7 +152,9 @@ class FastCarRacing(CarRacing):
     def _prepare_track(self) -> None:
         road = np.array([poly for poly, _ in self.road_poly], dtype=np.float64).reshape(-1, 4, 2)
         self._polys = np.concatenate([_GRASS, road])
-        self._road_colors = [[int(c) for c in color] for _, color in self.road_poly]
+        self._centers = self._polys.mean(axis=1)
+        self._radii = np.linalg.norm(self._polys - self._centers[:, None], axis=-1).max(axis=1) * (1 + 1e-9)
+        self._road_colors = [color for _, color in self.road_poly]  # tiles recolour on contact
         self._track_key = (id(self.road_poly), len(self.road_poly))
 
     def _surfaces(self) -> None:
@@ -236,22 +242,30 @@ class FastCarRacing(CarRacing):
 
     def _draw_field(self, canvas: pygame.Surface, zoom: float, trans: tuple, angle: float) -> None:
         xs, ys = rotate(_FIELD[:, 0], _FIELD[:, 1], angle)
-        xs, ys = xs * zoom + trans[0], ys * zoom + trans[1]
+        xs, ys = (xs * zoom + trans[0]).tolist(), (ys * zoom + trans[1]).tolist()
         if _covers_view(xs, ys):
             canvas.fill(self._mapped_color(self.bg_color), _KEEP)
             return
         canvas.fill(0)
-        points = list(zip(xs.tolist(), ys.tolist()))
+        points = list(zip(xs, ys))
         gfxdraw.aapolygon(canvas, points, self.bg_color)
         gfxdraw.filled_polygon(canvas, points, self.bg_color)
 
     def _draw_polygons(self, canvas: pygame.Surface, zoom: float, trans: tuple, angle: float) -> None:
         if self._track_key != (id(self.road_poly), len(self.road_poly)):
             self._prepare_track()
-        xs, ys = rotate(self._polys[..., 0], self._polys[..., 1], angle)
+        # Coarse cull on bounding circles, then exact per-vertex coordinates for the rest.
+        cx, cy = rotate(self._centers[:, 0], self._centers[:, 1], angle)
+        cx, cy = cx * zoom + trans[0], cy * zoom + trans[1]
+        reach = self._radii * zoom + (_MARGIN + 1.0)
+        candidates = np.flatnonzero(
+            (cx + reach >= 0) & (cx - reach <= WINDOW_W) & (cy + reach >= _KEEP_TOP) & (cy - reach <= WINDOW_H)
+        )
+        polys = self._polys[candidates]
+        xs, ys = rotate(polys[..., 0], polys[..., 1], angle)
         xs, ys = xs * zoom + trans[0], ys * zoom + trans[1]
-        # Upstream's cull (any vertex in the enlarged window) and, within it, only
-        # polygons whose bounding box reaches the kept rows.
+        # Upstream's cull (any vertex in the enlarged window), and only polygons whose
+        # bounding box reaches the kept rows.
         upstream = (
             (xs >= -MAX_SHAPE_DIM)
             & (xs <= WINDOW_W + MAX_SHAPE_DIM)
@@ -264,12 +278,16 @@ class FastCarRacing(CarRacing):
             & (ys.max(axis=1) >= _KEEP_TOP - _MARGIN)
             & (ys.min(axis=1) <= WINDOW_H + _MARGIN)
         )
+        drawn = np.flatnonzero(upstream & near)
+        points = np.stack([xs[drawn], ys[drawn]], axis=-1).tolist()
         n_grass = len(_GRASS)
-        for i in np.flatnonzero(upstream & near).tolist():
-            color = self.grass_color if i < n_grass else self._road_colors[i - n_grass]
-            points = list(zip(xs[i].tolist(), ys[i].tolist()))
-            gfxdraw.aapolygon(canvas, points, color)
-            gfxdraw.filled_polygon(canvas, points, color)
+        for i, poly in zip(candidates[drawn].tolist(), points):
+            if i < n_grass:
+                color = self.grass_color
+            else:
+                color = [int(c) for c in self._road_colors[i - n_grass]]
+            gfxdraw.aapolygon(canvas, poly, color)
+            gfxdraw.filled_polygon(canvas, poly, color)
 
     def close(self) -> None:
         self._canvas = None
@@ -277,12 +295,7 @@ class FastCarRacing(CarRacing):
 
 
 def register() -> None:
-    """Register ``worldmodels/CarRacing-v3`` with gymnasium (idempotent)."""
-    if ENV_ID in gymnasium.registry:
-        return
-    gymnasium.register(
-        id=ENV_ID,
-        entry_point="worldmodels.carracing:FastCarRacing",
-        max_episode_steps=1000,
-        reward_threshold=900,
-    )
+    """Register ``worldmodels/CarRacing-v3`` with gymnasium (idempotent; done on import)."""
+    from worldmodels import register_envs
+
+    register_envs()
