@@ -45,8 +45,263 @@ def run_collect(args: Collect) -> None:
     print(f"{len(files)} episodes in {args.run_dir / 'data'}")
 
 
+def _run_config(args: Common) -> Config:
+    """The run's recorded config when it has one (a finished run is evaluated as trained), else the CLI's."""
+    from worldmodels.runs import RunDir
+
+    run = RunDir(args.run_dir)
+    return run.load_config() or run.bind(args.config)
+
+
+def _load_agent_and_controller(run_dir: Path, cfg: Config, controller: Path | None):
+    from worldmodels.controller import ControllerShape, load_controller
+    from worldmodels.rollout import Agent
+
+    path = controller or run_dir / "controller" / "best.safetensors"
+    if not path.exists():
+        raise RunDirError(f"{path}: no controller to evaluate (train one first, or pass --controller)")
+    saved = load_controller(path)
+    expected = ControllerShape.from_config(cfg)
+    if saved.shape != expected:
+        raise RunDirError(f"{path} holds a controller {saved.shape}, but the run's config needs {expected}")
+    return Agent.from_run(run_dir, cfg), saved.params, path
+
+
+@dataclasses.dataclass
+class Evaluate(Common):
+    """Evaluate the run's best controller on full episodes over unseen tracks; writes RUN_DIR/eval/results.json."""
+
+    episodes: int | None = None
+    """Episodes, one track each (default: eval.episodes)."""
+    seed: int | None = None
+    """First track's seed; episode i uses seed + i (default: eval.seed)."""
+    json: bool = False
+    """Print one JSON object (returns, mean, std, min, max) instead of a readable line."""
+    controller: Path | None = None
+    """Controller file (default: RUN_DIR/controller/best.safetensors)."""
+    workers: int | None = None
+    """Worker processes (default: cma.workers; 0: one per core)."""
+    max_steps: int = 1000
+    """Steps per episode (CarRacing-v3's limit is 1,000; fewer only for quick checks)."""
+
+
+def run_evaluate(args: Evaluate) -> None:
+    import json
+
+    from worldmodels.rollout import evaluate
+    from worldmodels.runs import RunDir, write_json
+
+    cfg = _run_config(args)
+    agent, params, path = _load_agent_and_controller(args.run_dir, cfg, args.controller)
+    episodes = args.episodes if args.episodes is not None else cfg.eval.episodes
+    seed = args.seed if args.seed is not None else cfg.eval.seed
+    workers = args.workers if args.workers is not None else cfg.cma.workers
+    result = evaluate(
+        agent,
+        params,
+        range(seed, seed + episodes),
+        cfg.env,
+        envs_per_batch=cfg.cma.envs_per_worker,
+        max_steps=args.max_steps,
+        workers=workers,
+    )
+    summary = result.to_dict()
+    write_json(RunDir(args.run_dir).eval / "results.json", {**summary, "controller": str(path), "max_steps": args.max_steps})
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"{episodes} episodes: {result.mean:.1f} +- {result.std:.1f} (min {result.min:.1f}, max {result.max:.1f})")
+
+
+@dataclasses.dataclass
+class Record(Common):
+    """Record one episode of the run's best controller: real frame, V's reconstruction, M's prediction."""
+
+    out: Path = Path("episode.mp4")
+    """Video file; .mp4 or .gif."""
+    seed: int | None = None
+    """Track seed (default: eval.seed)."""
+    controller: Path | None = None
+    """Controller file (default: RUN_DIR/controller/best.safetensors)."""
+    max_steps: int = 1000
+    """Steps to record at most."""
+    tau: float | None = None
+    """M's prediction: the most likely component's mean (default), or a sample at this temperature."""
+
+
+def run_record(args: Record) -> None:
+    from worldmodels.rollout import record
+
+    cfg = _run_config(args)
+    agent, params, _ = _load_agent_and_controller(args.run_dir, cfg, args.controller)
+    seed = args.seed if args.seed is not None else cfg.eval.seed
+    result = record(agent, params, seed, args.out, cfg.env, args.max_steps, tau=args.tau)
+    print(f"{args.out}: {int(result.steps[0])} steps, return {result.returns[0]:.1f}")
+
+
+@dataclasses.dataclass
+class TrainVAE(Common):
+    """Train V on RUN_DIR/data into RUN_DIR/vae (resumes; loads when already finished)."""
+
+    max_steps: int | None = None
+    """Stop after this many steps in total (with a checkpoint); run again to resume."""
+
+
+def run_train_vae(args: TrainVAE) -> None:
+    from worldmodels.train import TrainingError, stage_summary, train_vae
+
+    try:
+        train_vae(args.config, args.run_dir, quiet=args.quiet, max_steps=args.max_steps)
+    except (TrainingError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    print(stage_summary(args.run_dir, "vae"))
+
+
+@dataclasses.dataclass
+class Encode(Common):
+    """Encode every episode with the trained V into RUN_DIR/latents (mu, logvar; resumes)."""
+
+    batch_size: int = 250
+    """Frames encoded at once."""
+
+
+def run_encode(args: Encode) -> None:
+    from worldmodels.train import TrainingError, encode
+
+    try:
+        files = encode(args.config, args.run_dir, quiet=args.quiet, batch_size=args.batch_size)
+    except (TrainingError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    print(f"{len(files)} episodes encoded in {args.run_dir / 'latents'}")
+
+
+@dataclasses.dataclass
+class TrainMDRNN(Common):
+    """Train M on RUN_DIR/latents into RUN_DIR/mdrnn (encodes first if needed; resumes)."""
+
+    max_steps: int | None = None
+    """Stop after this many steps in total (with a checkpoint); run again to resume."""
+
+
+def run_train_mdrnn(args: TrainMDRNN) -> None:
+    from worldmodels.train import TrainingError, stage_summary, train_mdrnn
+
+    try:
+        train_mdrnn(args.config, args.run_dir, quiet=args.quiet, max_steps=args.max_steps)
+    except (TrainingError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    print(stage_summary(args.run_dir, "mdrnn"))
+
+
+@dataclasses.dataclass
+class TrainController(Common):
+    """Evolve the controller with CMA-ES in the real environment into RUN_DIR/controller (resumes; loads when finished)."""
+
+    scheduler: str | None = None
+    """Dask scheduler address, tcp://host:8786 (default: cma.scheduler; empty: local processes)."""
+    workers: int | None = None
+    """Local worker processes (default: cma.workers; 0: one per core)."""
+    max_generations: int | None = None
+    """Stop after this many generations in total (with a checkpoint); run again to resume."""
+
+
+def _controller_config(args: Common, scheduler: str | None, workers: int | None) -> Config:
+    cfg = args.config
+    if scheduler is not None:
+        cfg = cfg.replace(**{"cma.scheduler": scheduler})
+    if workers is not None:
+        cfg = cfg.replace(**{"cma.workers": workers})
+    return cfg
+
+
+def run_train_controller(args: TrainController) -> None:
+    from worldmodels.evolution import read_history, train_controller
+
+    cfg = _controller_config(args, args.scheduler, args.workers)
+    try:
+        train_controller(cfg, args.run_dir, quiet=args.quiet, max_generations=args.max_generations)
+    except FileNotFoundError as e:
+        sys.exit(f"error: {e}")
+    out = args.run_dir / "controller"
+    history = read_history(out / "history.csv")
+    validated = [r for r in history if r["val_mean"] is not None]
+    line = f"{len(history)} generations in {out}"
+    if validated:
+        best = max(validated, key=lambda r: r["val_mean"])
+        line += f"; best validation {best['val_mean']:.1f} +- {best['val_std']:.1f} at generation {int(best['generation'])}"
+    print(line)
+
+
+@dataclasses.dataclass
+class Dream(Common):
+    """Evolve the controller inside M's dream (--dream.temperature), then score it in the real environment."""
+
+    max_generations: int | None = None
+    """Stop after this many generations in total (with a checkpoint); run again to resume."""
+    real_eval: bool = True
+    """Evaluate the dream's best controller in the real environment (eval.episodes tracks)."""
+
+
+def run_dream(args: Dream) -> None:
+    from worldmodels.dream import train_controller_in_dream
+
+    try:
+        res = train_controller_in_dream(
+            args.config, args.run_dir, quiet=args.quiet, max_generations=args.max_generations,
+            evaluate_real=args.real_eval,
+        )
+    except FileNotFoundError as e:
+        sys.exit(f"error: {e}")
+    line = f"tau {res.temperature:g}: dream return {res.dream_return:.1f}"
+    if res.real is not None:
+        line += f", real {res.real['real_mean']:.1f} +- {res.real['real_std']:.1f} over {res.real['real_episodes']} tracks"
+    print(line)
+
+
+@dataclasses.dataclass
+class Pipeline(Common):
+    """Run every stage in order: collect, train-vae, encode, train-mdrnn, train-controller, evaluate.
+
+    Each stage loads what is already finished and resumes what was interrupted.
+    """
+
+    scheduler: str | None = None
+    """Dask scheduler address for train-controller (default: cma.scheduler)."""
+
+
+def run_pipeline(args: Pipeline) -> None:
+    from worldmodels.data import collect
+    from worldmodels.evolution import train_controller
+    from worldmodels.train import TrainingError, encode, train_mdrnn, train_vae
+
+    cfg, run, quiet = args.config, args.run_dir, args.quiet
+    stages = [
+        ("collect", lambda: collect(cfg, run, quiet=quiet)),
+        ("train-vae", lambda: train_vae(cfg, run, quiet=quiet)),
+        ("encode", lambda: encode(cfg, run, quiet=quiet)),
+        ("train-mdrnn", lambda: train_mdrnn(cfg, run, quiet=quiet)),
+        ("train-controller", lambda: train_controller(_controller_config(args, args.scheduler, None), run, quiet=quiet)),
+        ("evaluate", lambda: run_evaluate(Evaluate(run_dir=run, config=cfg, scale=args.scale, quiet=quiet))),
+    ]
+    for name, stage in stages:
+        if not quiet:
+            print(f"== {name}", flush=True)
+        try:
+            stage()
+        except (TrainingError, FileNotFoundError) as e:
+            sys.exit(f"error in {name}: {e}")
+
+
 COMMANDS: dict[str, tuple[type[Common], Callable]] = {
     "collect": (Collect, run_collect),
+    "train-vae": (TrainVAE, run_train_vae),
+    "encode": (Encode, run_encode),
+    "train-mdrnn": (TrainMDRNN, run_train_mdrnn),
+    "train-controller": (TrainController, run_train_controller),
+    "dream": (Dream, run_dream),
+    "evaluate": (Evaluate, run_evaluate),
+    "record": (Record, run_record),
+    "pipeline": (Pipeline, run_pipeline),
 }
 """Command name -> (its options dataclass, the function that runs it)."""
 

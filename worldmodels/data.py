@@ -35,6 +35,7 @@ import math
 import sys
 import warnings
 import zipfile
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -476,10 +477,21 @@ class SequenceDataset(torch.utils.data.Dataset):
     transition, so that the end of every episode (and its done flag) is seen.
     """
 
-    def __init__(self, files: Sequence[Path], seq_len: int, source: str = "latent", *, skip_corrupt: bool = False):
+    def __init__(
+        self,
+        files: Sequence[Path],
+        seq_len: int,
+        source: str = "latent",
+        *,
+        skip_corrupt: bool = False,
+        cache_episodes: int = 0,
+    ):
+        """`cache_episodes` > 0 keeps the arrays of that many recently read episodes in memory."""
         if source not in ("obs", "latent"):
             raise ValueError(f"source must be 'obs' or 'latent', got {source!r}")
         self.seq_len, self.source = seq_len, source
+        self.cache_episodes = cache_episodes
+        self._cache: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
         self.files: list[Path] = []
         self.index: list[tuple[int, int]] = []
         loader = load_episode if source == "obs" else load_latents
@@ -499,9 +511,11 @@ class SequenceDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        file_index, s = self.index[i]
-        path, L = self.files[file_index], self.seq_len
+    def _arrays(self, file_index: int) -> dict[str, np.ndarray]:
+        if file_index in self._cache:
+            self._cache.move_to_end(file_index)
+            return self._cache[file_index]
+        path = self.files[file_index]
         if self.source == "obs":
             ep = load_episode(path)
             arrays = {"frames": ep.frames, "action": ep.action, "reward": ep.reward, "done": ep.terminated}
@@ -514,6 +528,16 @@ class SequenceDataset(torch.utils.data.Dataset):
                 "reward": lat["reward"],
                 "done": lat["terminated"],
             }
+        if self.cache_episodes > 0:
+            self._cache[file_index] = arrays
+            while len(self._cache) > self.cache_episodes:
+                self._cache.popitem(last=False)
+        return arrays
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        file_index, s = self.index[i]
+        L = self.seq_len
+        arrays = self._arrays(file_index)
         T = len(arrays["action"])
         n = min(L, T - s)
         out = {}
@@ -523,7 +547,8 @@ class SequenceDataset(torch.utils.data.Dataset):
             pad = length - len(window)
             if pad:
                 window = np.concatenate([window, np.zeros((pad, *window.shape[1:]), window.dtype)])
-            out[key] = torch.from_numpy(np.ascontiguousarray(window))
+            # a copy when cached, so that changing an item never changes the cache
+            out[key] = torch.from_numpy(np.array(window) if self.cache_episodes > 0 else np.ascontiguousarray(window))
         for key in ("action", "reward", "done"):
             out[key] = out[key].float()
         mask = torch.zeros(L, dtype=torch.bool)

@@ -1,0 +1,159 @@
+"""The dream: M as a batched environment, and CMA-ES inside it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from worldmodels.config import ConfigError, DreamConfig, preset
+from worldmodels.controller import BatchedController, ControllerShape
+from worldmodels.dream import (
+    DreamEnv,
+    DreamWorker,
+    dream_rollout,
+    dream_task,
+    initial_latents,
+    initial_z_for_seeds,
+    train_controller_in_dream,
+)
+from worldmodels.evolution import Task
+from worldmodels.mdrnn import MDRNN
+from worldmodels.runs import RunDir, save_npz, save_tensors
+
+Z, H = 8, 16
+
+
+def _mdrnn(done_head: bool = True, seed: int = 0) -> MDRNN:
+    torch.manual_seed(seed)
+    return MDRNN(Z, 3, H, 3, reward_head=True, done_head=done_head)
+
+
+def _dream(env: DreamEnv, seed: int, steps: int = 5):
+    gen = torch.Generator().manual_seed(seed)
+    z, h = env.reset(torch.zeros(4, Z), gen)
+    zs = []
+    for t in range(steps):
+        actions = torch.full((4, 3), 0.5)
+        z, reward, done, h = env.step(actions)
+        zs.append((z.clone(), reward.clone(), done.clone(), h.clone()))
+    return zs
+
+
+def test_step_shapes_and_determinism():
+    env = DreamEnv(_mdrnn(), temperature=1.15, max_steps=100)
+    gen = torch.Generator().manual_seed(0)
+    z, h = env.reset(torch.randn(4, Z), gen)
+    assert z.shape == (4, Z) and h.shape == (4, H) and not h.any()
+    z, reward, done, h = env.step(torch.zeros(4, 3))
+    assert z.shape == (4, Z) and reward.shape == (4,) and done.shape == (4,) and done.dtype == torch.bool
+    assert h.shape == (4, H) and h.abs().sum() > 0
+
+    a, b, c = _dream(env, 1), _dream(env, 1), _dream(env, 2)
+    for x, y in zip(a, b):
+        for u, v in zip(x, y):
+            assert torch.equal(u, v)
+    assert not torch.equal(a[-1][0], c[-1][0])  # another seed, another dream
+
+
+def test_temperature_validation_and_effect():
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature"):
+            DreamEnv(_mdrnn(), temperature=bad)
+    with pytest.raises(ConfigError, match="dream.temperature"):
+        DreamConfig(temperature=0.0)
+    with pytest.raises(ValueError, match="reward head"):
+        DreamEnv(MDRNN(Z, 3, H, 3))
+    # Near tau = 0 a sample is the mean of the most likely component; at tau = 1 it is not.
+    m = _mdrnn()
+    z0 = torch.randn(4, Z)
+    out, _ = m.step(z0, torch.zeros(4, 3))
+    mode = out.mu.gather(-1, out.logpi.argmax(-1, keepdim=True)).squeeze(-1)
+    cold = DreamEnv(m, temperature=1e-4)
+    cold.reset(z0, torch.Generator().manual_seed(0))
+    z_cold, *_ = cold.step(torch.zeros(4, 3))
+    hot = DreamEnv(m, temperature=1.0)
+    hot.reset(z0, torch.Generator().manual_seed(0))
+    z_hot, *_ = hot.step(torch.zeros(4, 3))
+    assert torch.allclose(z_cold, mode, atol=0.05)
+    assert (z_hot - mode).abs().max() > 0.1
+
+
+def test_dreams_end_and_stop_paying():
+    env = DreamEnv(_mdrnn(done_head=False), temperature=1.0, max_steps=7)
+    ctrl = BatchedController(ControllerShape("zh", Z, H), np.zeros((4, ControllerShape("zh", Z, H).n_params)))
+    returns, steps = dream_rollout(env, ctrl, torch.zeros(4, Z), torch.Generator().manual_seed(0))
+    assert returns.shape == (4,) and (steps == 7).all()  # no done head: max_steps ends them
+
+    m = _mdrnn()
+    with torch.no_grad():  # a done head that always fires: every dream ends after one step
+        m.done_head.bias.fill_(50.0)
+        m.reward_head.bias.fill_(3.0)
+        m.reward_head.weight.zero_()
+    returns, steps = dream_rollout(DreamEnv(m, 1.0, 100), ctrl, torch.zeros(4, Z))
+    assert (steps == 1).all()
+    np.testing.assert_allclose(returns, 3.0)
+
+
+def test_initial_latents_and_dream_task(tmp_path):
+    run = RunDir(tmp_path)
+    rng = np.random.default_rng(0)
+    for i, length in enumerate((61, 30)):
+        mu = np.repeat(np.arange(length, dtype=np.float16)[:, None], Z, 1) + 1000 * i
+        save_npz(run.latents / f"ep{i:05d}.npz", mu=mu, logvar=np.full((length, Z), -20, np.float16))
+    mu, logvar = initial_latents(run)
+    assert mu.shape == (2, Z)
+    assert mu[0, 0] == 50 and mu[1, 0] == 1029  # frame 50, or the last of a short episode
+    z = initial_z_for_seeds(mu, logvar, np.array([3, 3, 4]))
+    assert torch.equal(z[0], z[1])  # same seed, same start
+    assert set(np.round(z[:, 0].numpy())) <= {50.0, 1029.0}
+
+    shape = ControllerShape("zh", Z, H)
+    worker = DreamWorker(_mdrnn(), mu, logvar, shape, 1.15)
+    params = rng.normal(0, 0.1, (3, shape.n_params))
+    task = Task("train", 0, np.arange(3), params, np.array([7, 7, 7]), max_steps=20)
+    r1, r2 = dream_task(worker, task), dream_task(worker, task)
+    assert r1.shape == (3,) and np.isfinite(r1).all()
+    np.testing.assert_array_equal(r1, r2)
+
+
+def test_train_controller_in_dream_tiny(tmp_path):
+    from worldmodels.controller import load_controller
+    from worldmodels.runs import read_json
+    from worldmodels.vae import VAE
+
+    cfg = preset(
+        "tiny",
+        **{
+            "cma.population": 4, "cma.generations": 2, "cma.eval_episodes": 2, "cma.episodes_per_candidate": 2,
+            "cma.workers": 1, "dream.max_steps": 15, "dream.temperature": 1.15, "eval.episodes": 1,
+        },
+    )
+    run = RunDir(tmp_path / "run")
+    run.bind(cfg)
+    torch.manual_seed(0)
+    save_tensors(run.vae / "vae.safetensors", VAE(cfg.vae.z_size).state_dict())
+    m = MDRNN(cfg.vae.z_size, 3, cfg.mdrnn.hidden_size, cfg.mdrnn.n_gaussians, True, True)
+    save_tensors(run.mdrnn / "mdrnn.safetensors", m.state_dict())
+    for i in range(3):
+        save_npz(
+            run.latents / f"ep{i:05d}.npz",
+            mu=np.random.default_rng(i).normal(size=(61, cfg.vae.z_size)).astype(np.float16),
+            logvar=np.full((61, cfg.vae.z_size), -2, np.float16),
+        )
+
+    res = train_controller_in_dream(cfg, run, quiet=True, real_max_steps=10)
+    assert res.params.shape == (ControllerShape.from_config(cfg).n_params,)
+    assert res.real is not None and np.isfinite(res.real["real_mean"])
+    summary = read_json(run.controller / "dream.json")
+    assert summary["1.15"]["dream_return"] == pytest.approx(res.dream_return)
+    saved = load_controller(run.controller / "dream_tau1.15_best.safetensors")
+    np.testing.assert_array_equal(saved.params, res.params)
+
+    # Another temperature in the same run directory: its own files, the same JSON.
+    cold = cfg.replace(**{"dream.temperature": 0.5})
+    res2 = train_controller_in_dream(cold, run, quiet=True, evaluate_real=False)
+    assert set(read_json(run.controller / "dream.json")) == {"1.15", "0.5"}
+    assert (run.controller / "dream_tau0.5_best.safetensors").exists()
+    assert res2.dream_return != res.dream_return  # another temperature, other dreams
+    assert res2.real is None and "real_mean" not in read_json(run.controller / "dream.json")["0.5"]

@@ -1,0 +1,159 @@
+import json
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+
+from worldmodels.cli import main
+from worldmodels.config import preset
+from worldmodels.controller import ControllerShape, save_controller
+from worldmodels.mdrnn import MDRNN
+from worldmodels.rollout import Agent, _LSTMCell, build_agent, evaluate, record, rollout
+from worldmodels.runs import RunDir, save_tensors
+from worldmodels.vae import VAE, frames_to_tensor
+
+CFG = preset("tiny")  # z 32, M hidden 32
+SEEDS = [11, 12, 13]
+
+
+def make_agent(kind: str = "zh", seed: int = 0) -> Agent:
+    torch.manual_seed(seed)
+    vae = VAE(CFG.vae.z_size)
+    mdrnn = MDRNN(CFG.vae.z_size, 3, CFG.mdrnn.hidden_size, CFG.mdrnn.n_gaussians, True, True)
+    return Agent(vae, mdrnn if kind == "zh" else None, kind, CFG.vae.z_size, CFG.mdrnn.hidden_size, 40)
+
+
+def random_params(agent: Agent, k: int, scale: float = 0.5, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(0, scale, (k, agent.n_params))
+
+
+def standing_still(agent: Agent) -> np.ndarray:
+    """A controller that brakes and never accelerates: bias (0, -10, 10), zero weights."""
+    p = np.zeros(agent.n_params)
+    p[-3:] = [0.0, -10.0, 10.0]
+    return p
+
+
+@pytest.mark.parametrize("kind", ["zh", "z_hidden"])
+def test_batched_rollout_equals_sequential(kind):
+    agent = make_agent(kind)
+    params = random_params(agent, len(SEEDS))
+    batched = rollout(agent, params, SEEDS, CFG.env, max_steps=40)
+    assert batched.returns.dtype == np.float64 and batched.returns.shape == (3,)
+    for i, seed in enumerate(SEEDS):
+        single = rollout(agent, params[i : i + 1], [seed], CFG.env, max_steps=40)
+        assert single.returns[0] == batched.returns[i]
+        assert single.steps[0] == batched.steps[i] == 40
+
+
+def test_rollout_lstm_cell_matches_mdrnn_step():
+    agent = make_agent()
+    z, a = torch.randn(4, 32), torch.rand(4, 3)
+    h, c = torch.randn(4, 32), torch.randn(4, 32)
+    _, (h_ref, c_ref) = agent.mdrnn.step(z, a, (h, c))
+    h_new, c_new = _LSTMCell(agent.mdrnn)(z, a, h, c)
+    torch.testing.assert_close(h_new, h_ref)
+    torch.testing.assert_close(c_new, c_ref)
+
+
+def test_rollout_encoder_matches_vae():
+    agent = make_agent()
+    frames = np.random.default_rng(0).integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)
+    with torch.inference_mode():
+        mu, _ = agent.vae.encode(frames_to_tensor(frames))
+    torch.testing.assert_close(agent.encode(frames), mu, rtol=1e-5, atol=1e-6)
+    agent.encode_bf16 = True
+    torch.testing.assert_close(agent.encode(frames), mu, rtol=0.05, atol=1e-3)
+
+
+def test_early_termination_charges_the_remaining_steps():
+    agent = make_agent("z")
+    still = standing_still(agent)
+    params = np.stack([still, still])
+    full = rollout(agent, params, [5, 6], CFG.env, max_steps=60)
+    early = rollout(agent, params, [5, 6], CFG.env, max_steps=60, early_stop_steps=10)
+    assert (full.steps == 60).all() and not full.early_stopped.any()
+    assert early.early_stopped.all() and (early.steps < 30).all()
+    # the return equals what standing still until max_steps gives
+    np.testing.assert_allclose(early.returns, full.returns, atol=1e-6)
+
+
+def test_early_termination_not_at_the_last_step():
+    agent = make_agent("z")
+    res = rollout(agent, standing_still(agent)[None], [5], CFG.env, max_steps=30, early_stop_steps=29)
+    assert res.steps[0] == 30 and not res.early_stopped[0]
+
+
+def test_trace_shapes():
+    agent = make_agent()
+    threads = torch.get_num_threads()
+    res = rollout(agent, random_params(agent, 2), [1, 2], CFG.env, max_steps=7, trace=True)
+    assert torch.get_num_threads() == threads
+    for tr, ret in zip(res.traces, res.returns):
+        assert tr.frames.shape == (7, 64, 64, 3) and tr.frames.dtype == np.uint8
+        assert tr.z.shape == (7, 32) and tr.actions.shape == (7, 3) and tr.rewards.shape == (7,)
+        assert tr.rewards.sum() == pytest.approx(ret)
+
+
+def test_evaluate_in_workers_matches_inline():
+    agent = make_agent()
+    params = random_params(agent, 1)[0]
+    inline = evaluate(agent, params, [3, 4, 5], CFG.env, envs_per_batch=2, max_steps=15)
+    assert len(inline.returns) == 3 and inline.std == pytest.approx(np.std(inline.returns))
+    pooled = evaluate(agent, params, [3, 4, 5], CFG.env, envs_per_batch=2, max_steps=15, workers=2)
+    assert pooled.returns == inline.returns
+    rebuilt = build_agent(*agent.init_args())
+    assert rebuilt.shape == agent.shape
+
+
+@pytest.fixture()
+def run_dir(tmp_path):
+    """A fake finished run: random V and M, and a random best controller."""
+    agent = make_agent()
+    run = RunDir(tmp_path / "run")
+    run.bind(CFG)
+    save_tensors(run.vae / "vae.safetensors", agent.vae.state_dict())
+    save_tensors(run.mdrnn / "mdrnn.safetensors", agent.mdrnn.state_dict())
+    shape = ControllerShape.from_config(CFG)
+    save_controller(run.controller / "best.safetensors", random_params(agent, 1)[0], shape)
+    return run
+
+
+def test_evaluate_cli_json(run_dir, capsys):
+    main(["evaluate", "--run-dir", str(run_dir.path), "--episodes", "2", "--seed", "7",
+          "--json", "--workers", "1", "--max-steps", "15"])  # fmt: skip
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["returns"]) == 2 and out["seeds"] == [7, 8]
+    assert out["mean"] == pytest.approx(np.mean(out["returns"]))
+    assert out["std"] == pytest.approx(np.std(out["returns"]))
+    saved = json.loads((run_dir.path / "eval" / "results.json").read_text())
+    assert saved["returns"] == out["returns"]
+    # the same numbers from the Python API
+    agent = Agent.from_run(run_dir.path)
+    from worldmodels.controller import load_controller
+
+    params = load_controller(run_dir.path / "controller" / "best.safetensors").params
+    assert evaluate(agent, params, [7, 8], CFG.env, max_steps=15).returns == out["returns"]
+
+
+def test_evaluate_cli_without_controller(tmp_path):
+    run = RunDir(tmp_path)
+    run.bind(CFG)
+    with pytest.raises(SystemExit, match="no controller"):
+        main(["evaluate", "--run-dir", str(tmp_path)])
+
+
+def test_record_gif(tmp_path):
+    agent = make_agent()
+    path = tmp_path / "ep.gif"
+    res = record(agent, random_params(agent, 1)[0], 3, path, CFG.env, max_steps=12, scale=2)
+    frames = iio.imread(path, index=None)
+    assert frames.shape[0] == res.steps[0] == 12
+    assert frames.shape[1:3] == (128, 3 * 128)
+
+
+def test_record_cli(run_dir, capsys):
+    out = run_dir.path / "video.gif"
+    main(["record", "--run-dir", str(run_dir.path), "--seed", "2", "--out", str(out), "--max-steps", "5"])
+    assert iio.imread(out, index=None).shape[0] == 5

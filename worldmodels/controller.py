@@ -1,0 +1,254 @@
+"""C: the controller that maps V's ``z`` (and M's ``h``) to an action.
+
+Three kinds, selected by ``cfg.controller.kind``:
+
+* ``'zh'``: the paper's linear controller ``a = W [z, h] + b`` (867 parameters for
+  z = 32, h = 256);
+* ``'z'``: V only, ``a = W z + b`` (99 parameters);
+* ``'z_hidden'``: V only with one tanh hidden layer, ``a = W2 tanh(W1 z + b1) + b2``
+  (1,443 parameters with 40 hidden units).
+
+The raw outputs are squashed into CarRacing's action box as in the authors' code
+(:func:`squash`). CMA-ES searches over *flat* parameter vectors; the layout of a flat
+vector is, layer after layer, the weight matrix of shape (out, in) in row-major order,
+then the bias (out,). For ``'zh'`` the input columns are ``[z, h]`` in that order.
+
+:class:`BatchedController` applies K different flat vectors to K environments in one
+batched matrix product, which is how rollouts evaluate a whole population at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from worldmodels.config import Config
+
+KINDS = ("zh", "z", "z_hidden")
+ACTION_SIZE = 3
+
+
+@dataclass(frozen=True)
+class ControllerShape:
+    """What fixes a controller's parameter layout: its kind and the sizes of its inputs."""
+
+    kind: str = "zh"
+    z_size: int = 32
+    hidden_size: int = 256
+    """M's hidden state size (used by 'zh' only)."""
+    hidden_units: int = 40
+    """Units of the tanh hidden layer (used by 'z_hidden' only)."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"controller kind must be one of {', '.join(map(repr, KINDS))}, got {self.kind!r}")
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> ControllerShape:
+        return cls(cfg.controller.kind, cfg.vae.z_size, cfg.mdrnn.hidden_size, cfg.controller.hidden_units)
+
+    @property
+    def input_size(self) -> int:
+        return self.z_size + self.hidden_size if self.kind == "zh" else self.z_size
+
+    @property
+    def uses_h(self) -> bool:
+        return self.kind == "zh"
+
+    def layers(self) -> list[tuple[int, int]]:
+        """(out, in) of each linear layer, in the order of the flat vector."""
+        if self.kind == "z_hidden":
+            return [(self.hidden_units, self.z_size), (ACTION_SIZE, self.hidden_units)]
+        return [(ACTION_SIZE, self.input_size)]
+
+    @property
+    def n_params(self) -> int:
+        return sum(o * i + o for o, i in self.layers())
+
+    def metadata(self) -> dict[str, str]:
+        return {
+            "kind": self.kind,
+            "z_size": str(self.z_size),
+            "hidden_size": str(self.hidden_size),
+            "hidden_units": str(self.hidden_units),
+        }
+
+
+def n_params(kind: str, z_size: int = 32, hidden_size: int = 256, hidden_units: int = 40) -> int:
+    """Number of parameters of a controller: 867 ('zh'), 99 ('z'), 1,443 ('z_hidden') at the paper's sizes."""
+    return ControllerShape(kind, z_size, hidden_size, hidden_units).n_params
+
+
+def squash(raw: Tensor | np.ndarray) -> Tensor | np.ndarray:
+    """Raw outputs (..., 3) to CarRacing actions: steer = tanh, gas = (tanh + 1) / 2, brake = clip(tanh, 0, 1).
+
+    The result lies in [-1, 1] x [0, 1] x [0, 1]. Accepts a tensor or a NumPy array and
+    returns the same type.
+    """
+    if isinstance(raw, np.ndarray):
+        return squash(torch.from_numpy(raw)).numpy()
+    t = torch.tanh(raw)
+    return torch.stack([t[..., 0], (t[..., 1] + 1.0) * 0.5, t[..., 2].clamp(0.0, 1.0)], dim=-1)
+
+
+def _split(flat: Tensor, shape: ControllerShape) -> list[tuple[Tensor, Tensor]]:
+    """Cut flat vectors (..., P) into per-layer (weight (..., out, in), bias (..., out))."""
+    if flat.shape[-1] != shape.n_params:
+        raise ValueError(
+            f"a {shape.kind!r} controller with z={shape.z_size}, h={shape.hidden_size}, "
+            f"hidden_units={shape.hidden_units} has {shape.n_params} parameters, got a vector of {flat.shape[-1]}"
+        )
+    lead, out, start = flat.shape[:-1], [], 0
+    for o, i in shape.layers():
+        w = flat[..., start : start + o * i].reshape(*lead, o, i)
+        start += o * i
+        b = flat[..., start : start + o]
+        start += o
+        out.append((w, b))
+    return out
+
+
+class Controller(nn.Module):
+    """One controller: ``forward(z, h)`` returns squashed actions (N, 3)."""
+
+    def __init__(self, kind: str = "zh", z_size: int = 32, hidden_size: int = 256, hidden_units: int = 40):
+        super().__init__()
+        self.shape = ControllerShape(kind, z_size, hidden_size, hidden_units)
+        self.layers = nn.ModuleList(nn.Linear(i, o) for o, i in self.shape.layers())
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Controller:
+        s = ControllerShape.from_config(cfg)
+        return cls(s.kind, s.z_size, s.hidden_size, s.hidden_units)
+
+    @classmethod
+    def from_flat(
+        cls, vector: np.ndarray, kind: str = "zh", z_size: int = 32, hidden_size: int = 256, hidden_units: int = 40
+    ) -> Controller:
+        """A controller whose parameters are the flat `vector` (see the module docstring for the layout)."""
+        return cls(kind, z_size, hidden_size, hidden_units).set_flat(vector)
+
+    @property
+    def kind(self) -> str:
+        return self.shape.kind
+
+    @property
+    def n_params(self) -> int:
+        return self.shape.n_params
+
+    @torch.no_grad()
+    def set_flat(self, vector: np.ndarray) -> Controller:
+        """Copy a flat parameter vector (P,) into the layers; returns self."""
+        flat = torch.as_tensor(np.asarray(vector), dtype=torch.float32).reshape(-1)
+        for layer, (w, b) in zip(self.layers, _split(flat, self.shape)):
+            layer.weight.copy_(w)
+            layer.bias.copy_(b)
+        return self
+
+    def to_flat(self) -> np.ndarray:
+        """The parameters as one flat float64 vector (P,), the inverse of :meth:`set_flat`."""
+        parts = [t.detach().reshape(-1) for layer in self.layers for t in (layer.weight, layer.bias)]
+        return torch.cat(parts).double().numpy()
+
+    def forward(self, z: Tensor, h: Tensor | None = None) -> Tensor:
+        x = torch.cat([z, h], dim=-1) if self.shape.uses_h else z
+        if self.shape.kind == "z_hidden":
+            x = torch.tanh(self.layers[0](x))
+        return squash(self.layers[-1](x))
+
+
+class BatchedController:
+    """K controllers with K different parameter vectors, applied in one batched product.
+
+    ``set_params(params)`` takes a (K, P) array; ``ctrl(z, h)`` with ``z`` (K, Z) and ``h``
+    (K, H) (or None for the V-only kinds) returns actions (K, 3). With ``index`` (an
+    integer array of n of the K rows) it evaluates only those controllers, on inputs of n
+    rows: rollouts use it to skip the environments that have finished.
+    """
+
+    def __init__(self, shape: ControllerShape, params: np.ndarray | None = None):
+        self.shape = shape
+        self._layers: list[tuple[Tensor, Tensor]] = []
+        if params is not None:
+            self.set_params(params)
+
+    @classmethod
+    def from_config(cls, cfg: Config, params: np.ndarray | None = None) -> BatchedController:
+        return cls(ControllerShape.from_config(cfg), params)
+
+    @property
+    def n_params(self) -> int:
+        return self.shape.n_params
+
+    def __len__(self) -> int:
+        return self._layers[0][0].shape[0] if self._layers else 0
+
+    def set_params(self, params: np.ndarray) -> None:
+        flat = torch.as_tensor(np.asarray(params), dtype=torch.float32)
+        if flat.ndim != 2:
+            raise ValueError(f"params must be (K, P), got shape {tuple(flat.shape)}")
+        # Contiguous copies: one (K, out, in) weight and one (K, out, 1) bias per layer.
+        self._layers = [(w.contiguous(), b.unsqueeze(-1).contiguous()) for w, b in _split(flat, self.shape)]
+
+    def __call__(self, z: Tensor, h: Tensor | None = None, index: np.ndarray | None = None) -> Tensor:
+        if not self._layers:
+            raise RuntimeError("BatchedController: call set_params first")
+        x = torch.cat([z, h], dim=-1) if self.shape.uses_h else z
+        x = x.unsqueeze(-1)  # (n, in, 1)
+        for j, (w, b) in enumerate(self._layers):
+            if index is not None:
+                w, b = w[index], b[index]
+            x = torch.baddbmm(b, w, x)
+            if j < len(self._layers) - 1:
+                x = torch.tanh(x)
+        return squash(x.squeeze(-1))
+
+
+class SavedController(NamedTuple):
+    """A controller read back by :func:`load_controller`."""
+
+    params: np.ndarray
+    """The flat parameter vector (P,), float64."""
+    shape: ControllerShape
+    metadata: dict[str, str]
+    """Everything stored in the file's metadata (the shape's fields and any extras)."""
+
+
+def save_controller(
+    path: str | Path, params: np.ndarray, shape: ControllerShape, metadata: dict[str, str] | None = None
+) -> None:
+    """Write a flat parameter vector to a safetensors file (atomically), its kind and sizes in the metadata.
+
+    `metadata` may add string entries (for example the generation and the fitness).
+    """
+    from worldmodels.runs import save_tensors
+
+    params = np.asarray(params, dtype=np.float64).reshape(-1)
+    if params.shape[0] != shape.n_params:
+        raise ValueError(f"{shape} has {shape.n_params} parameters, got {params.shape[0]}")
+    meta = {k: str(v) for k, v in (metadata or {}).items()}
+    meta.update(shape.metadata())
+    save_tensors(path, {"params": torch.from_numpy(params)}, metadata=meta)
+
+
+def load_controller(path: str | Path) -> SavedController:
+    """Read a file written by :func:`save_controller`."""
+    from safetensors import safe_open
+
+    from worldmodels.runs import load_tensors
+
+    params = load_tensors(path)["params"].double().numpy()
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+    try:
+        shape = ControllerShape(meta["kind"], int(meta["z_size"]), int(meta["hidden_size"]), int(meta["hidden_units"]))
+    except KeyError as e:
+        raise ValueError(f"{path}: not a controller file (metadata lacks {e})") from e
+    if params.shape[0] != shape.n_params:
+        raise ValueError(f"{path}: {params.shape[0]} parameters, but {shape} needs {shape.n_params}")
+    return SavedController(params, shape, meta)

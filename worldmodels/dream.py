@@ -1,0 +1,303 @@
+"""M's dream: the MDN-RNN with its reward and done heads as a batched environment.
+
+In the dream there is no CarRacing and no V: the state is M's latent ``z`` and its LSTM
+state. One step takes the controllers' actions, advances M, and *samples* the next latent
+from M's mixtures at a temperature ``tau`` (:func:`worldmodels.mdrnn.sample_next_z`); the
+reward is M's reward head and the episode ends when a coin with M's done probability
+comes up (or after ``max_steps``). Higher ``tau`` makes the dream more uncertain, which
+keeps the controller from exploiting M's mistakes (the paper's VizDoom experiment:
+``tau = 0.1`` scored 193 in the real game, ``tau = 1.15`` scored 1092).
+
+A whole generation, population x episodes dreams, runs as one tensor batch: one
+``(B, Z)`` latent, one LSTM state, one :class:`~worldmodels.controller.BatchedController`
+call per step.
+
+**Initial latents.** A dream starts from a real latent: the posterior of V at frame
+:data:`INITIAL_FRAME` (50) of a collected episode, just after CarRacing's zoom-in
+animation (frames 0-49 show the track zooming in, which a controller never acts on).
+Episode and posterior noise are drawn from the dream's seed, so the same seed gives
+the same start for every candidate (common random numbers, as in the real environment).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from worldmodels.config import CARRACING_MAX_STEPS, Config
+from worldmodels.controller import BatchedController, ControllerShape
+from worldmodels.evolution import Task, evolve
+from worldmodels.mdrnn import MDRNN, sample_next_z
+from worldmodels.parallel import InlineExecutor
+from worldmodels.runs import RunDir, as_run_dir, read_json, write_json
+
+INITIAL_FRAME = 50
+"""Dreams start from the latent of this frame of a real episode (after the zoom-in)."""
+
+
+def check_temperature(tau: float) -> float:
+    """`tau` as a float, or ValueError unless it is finite and > 0."""
+    tau = float(tau)
+    if not (math.isfinite(tau) and tau > 0):
+        raise ValueError(f"temperature tau must be a finite number > 0, got {tau}")
+    return tau
+
+
+class DreamEnv:
+    """M as a batched environment of K dreams.
+
+    >>> env = DreamEnv(mdrnn, temperature=1.15, max_steps=1000)
+    >>> z, h = env.reset(initial_z, generator)          # (K, Z), (K, H)
+    >>> z, reward, done, h = env.step(actions)          # actions (K, 3)
+
+    ``done[k]`` is True from the step at which dream k ends; after that its reward is
+    0 (the batch keeps its shape, finished dreams are simply ignored). Everything random
+    (next latents, ends) is drawn from the `generator` given to :meth:`reset`, so a seeded
+    generator replays the same dream.
+    """
+
+    def __init__(self, mdrnn: MDRNN, temperature: float = 1.15, max_steps: int = CARRACING_MAX_STEPS):
+        if mdrnn.reward_head is None:
+            raise ValueError("dreaming needs M's reward head: train M with mdrnn.reward_head=True")
+        self.mdrnn = mdrnn.eval()
+        self.temperature = check_temperature(temperature)
+        self.max_steps = int(max_steps)
+        self.generator: torch.Generator | None = None
+        self.z: Tensor | None = None
+        self.state: tuple[Tensor, Tensor] | None = None
+        self.alive: Tensor | None = None
+        self.t = 0
+
+    @torch.no_grad()
+    def reset(self, initial_z: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Start K dreams at `initial_z` (K, Z); returns ``(z, h)`` with h = 0."""
+        if initial_z.ndim != 2 or initial_z.shape[1] != self.mdrnn.z_size:
+            raise ValueError(f"initial_z must be (K, {self.mdrnn.z_size}), got {tuple(initial_z.shape)}")
+        self.generator = generator
+        self.z = initial_z.to(self.mdrnn.mdn.weight.dtype)
+        self.state = self.mdrnn.initial_state(len(initial_z))
+        self.alive = torch.ones(len(initial_z), dtype=torch.bool)
+        self.t = 0
+        return self.z, self.state[0]
+
+    @torch.no_grad()
+    def step(self, actions: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Advance every dream by one step; returns ``(z_next, reward, done, h)``."""
+        if self.state is None:
+            raise RuntimeError("DreamEnv: call reset first")
+        out, self.state = self.mdrnn.step(self.z, actions, self.state)
+        self.z = sample_next_z(out, self.temperature, self.generator)
+        reward = torch.where(self.alive, out.reward, torch.zeros_like(out.reward))
+        self.t += 1
+        if out.done_logit is not None:
+            coin = torch.rand(out.done_logit.shape, generator=self.generator, dtype=out.done_logit.dtype)
+            ends = coin < torch.sigmoid(out.done_logit)
+        else:
+            ends = torch.zeros_like(self.alive)
+        if self.t >= self.max_steps:
+            ends = torch.ones_like(self.alive)
+        self.alive = self.alive & ~ends
+        return self.z, reward, ~self.alive, self.state[0]
+
+
+@torch.no_grad()
+def dream_rollout(
+    env: DreamEnv,
+    controller: BatchedController,
+    initial_z: Tensor,
+    generator: torch.Generator | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Run B dreams to their end, dream b with controller b: returns (returns (B,), steps (B,))."""
+    z, h = env.reset(initial_z, generator)
+    returns = torch.zeros(len(z), dtype=torch.float64)
+    steps = torch.zeros(len(z), dtype=torch.int64)
+    uses_h = controller.shape.uses_h
+    for _ in range(env.max_steps):
+        alive = env.alive.clone()
+        actions = controller(z, h if uses_h else None)
+        z, reward, done, h = env.step(actions)
+        returns += reward.double()
+        steps += alive.long()
+        if bool(done.all()):
+            break
+    return returns.numpy(), steps.numpy()
+
+
+# --------------------------------------------------------------------------------------
+# Initial latents from the run
+# --------------------------------------------------------------------------------------
+def initial_latents(run: str | Path | RunDir, frame: int = INITIAL_FRAME) -> tuple[np.ndarray, np.ndarray]:
+    """``(mu, logvar)``, each (N, Z) float32: V's posterior at `frame` of every encoded episode.
+
+    Episodes shorter than `frame` contribute their last frame.
+    """
+    run = as_run_dir(run)
+    files = sorted(run.latents.glob("*.npz"))
+    if not files:
+        raise FileNotFoundError(f"{run.latents}: no latents; run the encode stage first")
+    mus, logvars = [], []
+    for f in files:
+        with np.load(f) as d:
+            t = min(frame, len(d["mu"]) - 1)
+            mus.append(np.asarray(d["mu"][t], np.float32))
+            logvars.append(np.asarray(d["logvar"][t], np.float32))
+    return np.stack(mus), np.stack(logvars)
+
+
+def initial_z_for_seeds(mu: np.ndarray, logvar: np.ndarray, seeds: np.ndarray) -> Tensor:
+    """One start latent per seed: episode ``i ~ U{0..N-1}``, ``z = mu_i + exp(logvar_i / 2) * eps``,
+    both drawn from ``default_rng(seed)``: a seed always gives the same start."""
+    out = np.empty((len(seeds), mu.shape[1]), np.float32)
+    for j, s in enumerate(np.asarray(seeds).reshape(-1)):
+        rng = np.random.default_rng(int(s))
+        i = rng.integers(len(mu))
+        out[j] = mu[i] + np.exp(0.5 * logvar[i]) * rng.standard_normal(mu.shape[1])
+    return torch.from_numpy(out)
+
+
+# --------------------------------------------------------------------------------------
+# Evolution in the dream
+# --------------------------------------------------------------------------------------
+@dataclass
+class DreamWorker:
+    """What a dream task needs (built once): M, the start latents, the controller's shape."""
+
+    mdrnn: MDRNN
+    mu: np.ndarray
+    logvar: np.ndarray
+    shape: ControllerShape
+    temperature: float
+
+
+def dream_task(worker: DreamWorker, task: Task) -> np.ndarray:
+    """Task function for :func:`worldmodels.evolution.evolve`: all the task's episodes as one batch of dreams."""
+    env = DreamEnv(worker.mdrnn, worker.temperature, task.max_steps)
+    controller = BatchedController(worker.shape, task.params)
+    z0 = initial_z_for_seeds(worker.mu, worker.logvar, task.seeds)
+    key = np.random.SeedSequence([task.generation, *map(int, np.unique(task.seeds))]).generate_state(1)[0]
+    generator = torch.Generator().manual_seed(int(key))
+    returns, _ = dream_rollout(env, controller, z0, generator)
+    return returns
+
+
+def _load_mdrnn(run: RunDir, cfg: Config) -> MDRNN:
+    try:
+        from worldmodels.train import load_mdrnn
+    except ImportError:
+        load_mdrnn = None
+    if load_mdrnn is not None:
+        return load_mdrnn(run).cpu().eval()
+    from worldmodels.runs import load_tensors
+
+    state = load_tensors(run.mdrnn / "mdrnn.safetensors")
+    m = MDRNN(
+        cfg.vae.z_size, 3, cfg.mdrnn.hidden_size, cfg.mdrnn.n_gaussians,
+        reward_head="reward_head.weight" in state, done_head="done_head.weight" in state,
+    )
+    m.load_state_dict(state)
+    return m.eval()
+
+
+def dream_prefix(tau: float) -> str:
+    """File prefix of a dream run at temperature tau: ``dream_tau1.15_``."""
+    return f"dream_tau{tau:g}_"
+
+
+@dataclass
+class DreamResult:
+    params: np.ndarray
+    """The best controller in the dream (validated on fixed dream seeds)."""
+    temperature: float
+    dream_return: float
+    """Its mean return on the dream's validation seeds."""
+    real: dict[str, Any] | None
+    """Its evaluation in the real environment (:class:`worldmodels.rollout.EvalResult` as a dict)."""
+
+
+def train_controller_in_dream(
+    cfg: Config,
+    run: str | Path | RunDir,
+    *,
+    quiet: bool = False,
+    max_generations: int | None = None,
+    evaluate_real: bool = True,
+    real_max_steps: int = CARRACING_MAX_STEPS,
+) -> DreamResult:
+    """Evolve C with CMA-ES inside M's dream, then score it in the real CarRacing-v3.
+
+    Pseudocode::
+
+        tau = cfg.dream.temperature
+        each generation: theta_1..theta_K ~ CMA-ES
+            B = K x E dreams in one batch, start latents from real episodes (frame 50)
+            repeat up to cfg.dream.max_steps: a = C_k(z, h); z ~ M(z, a, h; tau); R += M's reward
+            F_k = mean_e R_ke - weight_decay * mean(theta_k^2)
+        best mean (on fixed dream validation seeds) -> real CarRacing on cfg.eval's tracks
+
+    Uses cfg.cma for the search (population, episodes_per_candidate, sigma0,
+    generations, eval_every, eval_episodes, seed) and cfg.dream.max_steps for the
+    length of a dream. Files in ``run/controller/``: ``dream_tau{tau}_es.pkl``,
+    ``_history.csv``, ``_best.safetensors``, ``_last.safetensors`` and ``dream.json``
+    (per tau: dream return, real mean and std). Runs at several temperatures may share a
+    run directory (the temperature is not checked against the recorded config).
+    """
+    from worldmodels.controller import save_controller
+
+    tau = check_temperature(cfg.dream.temperature)
+    run = as_run_dir(run)
+    recorded = run.load_config()
+    run.bind(cfg if recorded is None else cfg.replace(**{"dream.temperature": recorded.dream.temperature}))
+    out = run.controller
+    prefix = dream_prefix(tau)
+    summary_path = out / "dream.json"
+    summary = read_json(summary_path) if summary_path.exists() else {}
+    key = f"{tau:g}"
+
+    shape = ControllerShape.from_config(cfg)
+    mdrnn = _load_mdrnn(run, cfg)
+    mu, logvar = initial_latents(run)
+    worker = DreamWorker(mdrnn, mu, logvar, shape, tau)
+    cma_cfg = dataclasses.replace(cfg.cma, max_steps=cfg.dream.max_steps, early_stop_steps=0)
+    population = cma_cfg.population * cma_cfg.episodes_per_candidate
+
+    def save(path: Path, params: np.ndarray, metadata: dict[str, str]) -> None:
+        save_controller(path, params, shape, {**metadata, "temperature": key})
+
+    result = evolve(
+        dream_task,
+        shape.n_params,
+        cma_cfg,
+        InlineExecutor(init=lambda: worker),
+        checkpoint_dir=out,
+        task_size=max(population, cma_cfg.eval_episodes),  # one batch of dreams per generation
+        max_generations=max_generations,
+        save_params=save,
+        prefix=prefix,
+        quiet=quiet,
+        desc=f"dream tau={key}",
+    )
+    entry = summary.get(key, {})
+    if not result.finished:
+        return DreamResult(result.best_params, tau, result.best_score, None)
+    if evaluate_real and "real_mean" not in entry:
+        from worldmodels.rollout import Agent, evaluate
+
+        agent = Agent.from_run(run, cfg)
+        seeds = [cfg.eval.seed + i for i in range(cfg.eval.episodes)]
+        ev = evaluate(
+            agent, result.best_params, seeds, cfg.env, envs_per_batch=cfg.cma.envs_per_worker,
+            max_steps=real_max_steps, workers=cfg.cma.workers,
+        )
+        entry.update(real_mean=ev.mean, real_std=ev.std, real_episodes=len(seeds), real_max_steps=real_max_steps)
+    entry.update(temperature=tau, dream_return=result.best_score, generations=result.generation)
+    summary[key] = entry
+    write_json(summary_path, summary)
+    real = {k: entry[k] for k in ("real_mean", "real_std", "real_episodes") if k in entry} or None
+    return DreamResult(result.best_params, tau, result.best_score, real)
