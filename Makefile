@@ -26,8 +26,14 @@ test-package: $(STAMP)
 	$(PY) -m pytest -q tests
 
 test-book: $(STAMP)
+	WM_SCALE=tiny $(PY) -m pytest -p no:cacheprovider -q --nbval-lax --nbval-current-env --nbval-sanitize-with book/sanitize.cfg book/*.ipynb
+	$(VENV)/bin/jupyter-book build . -W -n --keep-going
+	$(PY) -m pytest -q tests/test_book_html.py
 
 book: $(STAMP)
+	$(PY) book/make_figures.py
+	WM_SCALE=book $(PY) book/execute.py
+	$(VENV)/bin/jupyter-book build . -W -n --keep-going
 
 benchmarks: $(STAMP)
 	for f in benchmarks/bench_*.py; do $(PY) $$f || exit 1; done

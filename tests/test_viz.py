@@ -1,0 +1,202 @@
+"""The book's figures and widgets, checked without a browser."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import ipywidgets as widgets
+from ipywidgets.widgets.widget_link import Link
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+import torch
+
+from worldmodels import viz
+from worldmodels.mdrnn import MDRNN
+from worldmodels.vae import VAE
+
+
+@pytest.fixture(scope="module")
+def vae():
+    torch.manual_seed(0)
+    return VAE(z_size=8).eval()
+
+
+@pytest.fixture(scope="module")
+def mdrnn():
+    torch.manual_seed(1)
+    return MDRNN(z_size=8, hidden_size=16, n_gaussians=3).eval()
+
+
+def frames(n=5, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, 64, 64, 3), dtype=np.uint8)
+
+
+def jslinked(links, source, target):
+    """A browser-side link from source to target is among `links`."""
+    return any(
+        isinstance(l, Link) and l.source == source and l.target == target for l in links
+    )
+
+
+def test_to_uint8_accepts_channels_first_tensors_and_floats():
+    t = torch.rand(2, 3, 64, 64)
+    out = viz.to_uint8(t)
+    assert out.shape == (2, 64, 64, 3) and out.dtype == np.uint8
+    assert viz.to_uint8(np.ones((4, 4, 3))).max() == 255
+    f = frames(1)
+    assert viz.to_uint8(f) is f
+
+
+def test_png_bytes_scales():
+    from PIL import Image
+    import io
+
+    img = Image.open(io.BytesIO(viz.png_bytes(frames(1)[0], scale=3)))
+    assert img.size == (192, 192)
+
+
+def test_encode_decode_shapes(vae):
+    mu = viz.encode(vae, frames(3))
+    assert mu.shape == (3, 8)
+    out = viz.decode(vae, mu)
+    assert out.shape == (3, 64, 64, 3) and out.dtype == np.uint8
+
+
+def test_static_figures(tmp_path):
+    fig = viz.frame_grid(frames(10), ncols=4, titles=[str(i) for i in range(10)])
+    assert len(fig.axes) == 12
+    plt.close(fig)
+    raw = np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)
+    fig = viz.raw_vs_transformed(raw, frames(1)[0])
+    assert len(fig.axes) == 2
+    plt.close(fig)
+    fig = viz.reconstructions(frames(4), frames(4, seed=1))
+    assert len(fig.axes) == 8
+    plt.close(fig)
+    csv = tmp_path / "metrics.csv"
+    csv.write_text("epoch,loss,kl\n0,3.0,1.0\n1,2.0,\n2,1.0,0.5\n")
+    m = viz.read_metrics(csv)
+    assert m["loss"].tolist() == [3.0, 2.0, 1.0] and np.isnan(m["kl"][1])
+    fig = viz.plot_metrics(csv, ys=["loss", "kl", "absent"])
+    assert len(fig.axes[0].lines) == 2
+    plt.close(fig)
+    fig = viz.plot_actions({"uniform": np.zeros((10, 3)), "brownian": np.ones((10, 3))})
+    assert len(fig.axes) == 2
+    plt.close(fig)
+    track = np.stack([np.cos(np.linspace(0, 6, 50)), np.sin(np.linspace(0, 6, 50))], 1) * 50
+    fig = viz.plot_paths(track, {"a": track[:10]})
+    plt.close(fig)
+
+
+def test_es_panels():
+    hist = [
+        {"generation": g, "mean": np.zeros(2), "cov": np.eye(2) * 0.1, "samples": np.zeros((6, 2))}
+        for g in range(3)
+    ]
+    fig = viz.plot_es_generations(lambda x: (x**2).sum(-1), hist, ncols=2)
+    assert len(fig.axes) == 4
+    plt.close(fig)
+
+
+def test_video_html_embeds_the_video():
+    html = viz.video_html(frames(4), fps=4, scale=1)
+    assert "base64," in html and ("<video" in html or "<img" in html)
+
+
+def test_precomputed_slider_changes_the_shown_image():
+    box = viz.precomputed_slider(frames(4), labels=list("abcd"))
+    first = viz.shown_image(box)
+    box.slider.value = 2
+    assert box.stack.selected_index == 2
+    assert viz.shown_image(box) != first
+    assert viz.shown_image(box) == bytes(box.stack.children[2].value)
+    box.play.value = 3  # the Play button drives the slider
+    assert box.slider.value == 3 and box.stack.selected_index == 3
+    # linked in the browser too, so that the static HTML works without a kernel
+    assert jslinked(box.links, (box.slider, "value"), (box.stack, "selected_index"))
+    assert jslinked(box.links, (box.play, "value"), (box.slider, "value"))
+
+
+def test_precomputed_slider_rejects_no_frames():
+    with pytest.raises(ValueError):
+        viz.precomputed_slider(np.zeros((0, 64, 64, 3), np.uint8))
+
+
+def test_precomputed_traversal(vae):
+    z0 = np.zeros(8, np.float32)
+    box = viz.precomputed_traversal(vae, z0, dims=[0, 3], values=[-2.0, 0.0, 2.0])
+    assert box.slider.value == 1
+    before = viz.shown_image(box)
+    box.slider.value = 0
+    after_value = viz.shown_image(box)
+    assert after_value != before
+    box.dim.index = 1
+    assert box.stack.selected_index == 1
+    assert viz.shown_image(box) != after_value
+    assert jslinked(box.links, (box.dim, "index"), (box.stack, "selected_index"))
+
+
+def test_traversal_frames_sets_one_dimension(vae):
+    grid = viz.traversal_frames(vae, np.zeros(8), dims=[1], values=[0.0, 1.0])
+    assert grid.shape == (1, 2, 64, 64, 3)
+    assert np.array_equal(grid[0, 0], viz.decode(vae, np.zeros((1, 8)))[0])
+
+
+def test_traversal_widget_sliders_change_the_decoded_image(vae):
+    box = viz.traversal_widget(vae, frames(3), dims=[0, 1, 2])
+    before = bytes(box.image.value)
+    box.sliders[1].value = 2.5
+    assert box.z[1] == pytest.approx(2.5)
+    assert bytes(box.image.value) != before
+    # picking another frame loads its code into the sliders and shows it
+    original = bytes(box.original.value)
+    box.frame.value = 2
+    assert bytes(box.original.value) != original
+    mu = viz.encode(vae, frames(3))[2]
+    assert box.sliders[0].value == pytest.approx(float(np.clip(mu[0], -3, 3)), abs=1e-6)
+
+
+def test_dream_rollout_and_temperature(vae, mdrnn):
+    a = np.tile([0.0, 0.5, 0.0], (5, 1))
+    f1 = viz.dream_rollout(vae, mdrnn, np.zeros(8), a, tau=1.0, seed=3)
+    f2 = viz.dream_rollout(vae, mdrnn, np.zeros(8), a, tau=1.0, seed=3)
+    assert f1.shape == (6, 64, 64, 3)
+    assert np.array_equal(f1, f2)  # seeded
+
+
+def test_precomputed_dream(vae, mdrnn):
+    box = viz.precomputed_dream(vae, mdrnn, np.zeros(8), temperatures=(0.5, 1.5), steps=3)
+    start = viz.shown_image(box)
+    box.slider.value = 3
+    later = viz.shown_image(box)
+    assert later != start
+    box.temperature.index = 1
+    assert box.stack.children[0].selected_index == 1
+    box.action.index = 2
+    assert box.stack.selected_index == 2
+    assert jslinked(box.links, (box.action, "index"), (box.stack, "selected_index"))
+
+
+def test_dream_widget_buttons_step_the_dream(vae, mdrnn):
+    box = viz.dream_widget(vae, mdrnn, np.zeros(8))
+    start = bytes(box.image.value)
+    box.buttons["left"].click()
+    assert box.t == 1
+    assert bytes(box.image.value) != start
+    box.temperature.value = 0.1
+    box.buttons["gas"].click()
+    assert box.t == 2
+    box.reset.click()
+    assert box.t == 0 and bytes(box.image.value) == start
+
+
+def test_figure_to_array_and_video_file(tmp_path):
+    fig, ax = plt.subplots(figsize=(2, 1))
+    ax.plot([0, 1])
+    rgb = viz.figure_to_array(fig, dpi=50)
+    assert rgb.shape == (50, 100, 3) and rgb.dtype == np.uint8
+    gif = viz.save_video(frames(3), tmp_path / "v.gif", fps=5)
+    assert viz.video_file_html(gif).startswith('<img src="data:image/gif;base64,')

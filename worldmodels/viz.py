@@ -1,0 +1,675 @@
+"""Figures, videos and widgets for the book.
+
+Every interactive figure of the book comes in three layers:
+
+1. a static matplotlib figure (``frame_grid``, ``raw_vs_transformed``, ``plot_metrics``, ...),
+   which every reader sees, on paper too;
+2. a widget of *precomputed* frames whose controls are linked in the browser with
+   ``ipywidgets.jslink`` (``precomputed_slider``, ``precomputed_traversal``,
+   ``precomputed_dream``): each frame is an ``Image`` inside a ``Stack`` whose
+   ``selected_index`` follows a slider or a toggle, so the widget works in the static
+   HTML of the book, with no kernel;
+3. a live widget for a running kernel (``traversal_widget``, ``dream_widget``), which
+   calls V and M on every change.
+
+The precomputed widgets also link their controls in Python (``ipywidgets.link``), so that
+tests and a running kernel see the same effect as the browser; :func:`shown_image` returns
+the PNG bytes a widget currently shows.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+# --- frames ------------------------------------------------------------------------------
+
+
+def to_uint8(frames) -> np.ndarray:
+    """Frames as uint8 (..., H, W, 3) numpy arrays.
+
+    Accepts uint8 arrays (returned as they are), float arrays or tensors in [0, 1] with
+    channels last, and torch tensors with channels first (..., 3, H, W) as V's decoder
+    returns them.
+    """
+    if isinstance(frames, torch.Tensor):
+        t = frames.detach().cpu()
+        if t.ndim >= 3 and t.shape[-3] == 3 and t.shape[-1] != 3:
+            t = t.movedim(-3, -1)
+        frames = t.numpy()
+    frames = np.asarray(frames)
+    if frames.dtype == np.uint8:
+        return frames
+    return (np.clip(frames, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def png_bytes(frame, scale: int = 1) -> bytes:
+    """One frame (H, W, 3) as PNG bytes, optionally enlarged `scale` times (nearest neighbour)."""
+    from PIL import Image
+
+    img = Image.fromarray(to_uint8(frame))
+    if scale != 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+@torch.no_grad()
+def decode(vae, z) -> np.ndarray:
+    """Decode latent codes (N, z_size) with V into uint8 frames (N, 64, 64, 3)."""
+    z = torch.as_tensor(np.asarray(z, np.float32) if not isinstance(z, torch.Tensor) else z)
+    weight = next(vae.parameters())
+    return to_uint8(vae.decode(z.to(weight.device, weight.dtype).reshape(-1, vae.z_size)))
+
+
+@torch.no_grad()
+def encode(vae, frames) -> np.ndarray:
+    """The posterior means mu (N, z_size) of uint8 frames (N, 64, 64, 3)."""
+    from worldmodels.vae import frames_to_tensor
+
+    weight = next(vae.parameters())
+    x = frames_to_tensor(np.asarray(frames)).to(weight.device, weight.dtype)
+    return vae.encode(x)[0].cpu().numpy()
+
+
+# --- static figures ------------------------------------------------------------------------
+
+
+def frame_grid(
+    frames,
+    ncols: int = 8,
+    titles: Sequence[str] | None = None,
+    row_labels: Sequence[str] | None = None,
+    size: float = 1.3,
+    suptitle: str | None = None,
+):
+    """A grid of frames (N, H, W, 3) as a matplotlib figure; returns the figure.
+
+    `frames` may also be (rows, cols, H, W, 3), one row per group, labelled by `row_labels`.
+    """
+    import matplotlib.pyplot as plt
+
+    frames = to_uint8(frames)
+    if frames.ndim == 5:
+        nrows, ncols = frames.shape[:2]
+        frames = frames.reshape(-1, *frames.shape[2:])
+    else:
+        ncols = max(1, min(ncols, len(frames)))
+        nrows = -(-len(frames) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows), squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+        if k < len(frames):
+            ax.imshow(frames[k], interpolation="nearest")
+            if titles is not None and k < len(titles):
+                ax.set_title(titles[k], fontsize=8)
+    if row_labels is not None:
+        for r, label in enumerate(row_labels):
+            axes[r, 0].set_ylabel(label, fontsize=9)
+    if suptitle:
+        fig.suptitle(suptitle)
+    fig.tight_layout()
+    return fig
+
+
+def raw_vs_transformed(raw: np.ndarray, transformed: np.ndarray, crop_rows: int = 84):
+    """CarRacing's raw 96x96 frame beside the 64x64 observation the agent sees.
+
+    A dashed line marks where the crop cuts off the indicator bar.
+    """
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(7, 3.6))
+    a.imshow(to_uint8(raw), interpolation="nearest")
+    a.axhline(crop_rows - 0.5, color="yellow", ls="--", lw=1.5)
+    a.set_title(f"raw frame {raw.shape[0]}x{raw.shape[1]}\n(below the line: indicator bar)", fontsize=9)
+    b.imshow(to_uint8(transformed), interpolation="nearest")
+    b.set_title(f"observation {transformed.shape[0]}x{transformed.shape[1]}\n(rows 0-{crop_rows - 1}, resized)", fontsize=9)
+    for ax in (a, b):
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    return fig
+
+
+def reconstructions(originals, recons, n: int = 8, labels: tuple[str, str] = ("frame", "V's reconstruction")):
+    """Two rows: frames on top, their reconstructions below; returns the figure."""
+    originals, recons = to_uint8(originals)[:n], to_uint8(recons)[:n]
+    return frame_grid(np.stack([originals, recons]), row_labels=list(labels))
+
+
+def read_metrics(path: str | Path) -> dict[str, np.ndarray]:
+    """A metrics CSV (a header row, then one row per logging step) as column -> array.
+
+    Numeric columns become float arrays (empty cells NaN); other columns stay strings.
+    """
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return {}
+    out: dict[str, np.ndarray] = {}
+    for key in rows[0]:
+        values = [r.get(key, "") for r in rows]
+        try:
+            out[key] = np.array([float(v) if v not in ("", None) else np.nan for v in values])
+        except ValueError:
+            out[key] = np.array(values)
+    return out
+
+
+def plot_metrics(
+    metrics: Mapping[str, np.ndarray] | str | Path,
+    ys: Sequence[str] | None = None,
+    x: str | None = None,
+    title: str | None = None,
+    logy: bool = False,
+    ax=None,
+):
+    """Training curves: each column of `ys` against column `x` (default: the first column).
+
+    `metrics` is a mapping column -> values or the path of a CSV (see :func:`read_metrics`).
+    Columns that are absent are skipped, so one call fits several kinds of logs.
+    """
+    import matplotlib.pyplot as plt
+
+    if not isinstance(metrics, Mapping):
+        metrics = read_metrics(metrics)
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+    else:
+        fig = ax.figure
+    keys = list(metrics)
+    x = x if x is not None else (keys[0] if keys else None)
+    ys = [k for k in (ys if ys is not None else keys) if k in metrics and k != x]
+    for key in ys:
+        y = np.asarray(metrics[key], float)
+        xs = np.asarray(metrics[x], float) if x in metrics else np.arange(len(y))
+        ok = ~np.isnan(y)
+        ax.plot(xs[ok], y[ok], marker="." if ok.sum() < 30 else None, label=key)
+    ax.set_xlabel(x or "step")
+    if logy:
+        ax.set_yscale("log")
+    if ys:
+        ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_actions(actions: Mapping[str, np.ndarray], names: Sequence[str] = ("steer", "gas", "brake")):
+    """Action trajectories (T, 3) of several policies, one row of panels per policy."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(actions), 1, figsize=(7, 1.9 * len(actions)), sharex=True, squeeze=False)
+    for ax, (label, a) in zip(axes[:, 0], actions.items()):
+        for j, name in enumerate(names):
+            ax.plot(np.asarray(a)[:, j], lw=1, label=name)
+        ax.set_ylabel(label)
+        ax.set_ylim(-1.1, 1.1)
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(ncol=3, fontsize=8, loc="upper right")
+    axes[-1, 0].set_xlabel("step")
+    fig.tight_layout()
+    return fig
+
+
+def plot_paths(track_xy: np.ndarray, paths: Mapping[str, np.ndarray], zoom: float | None = 60.0):
+    """The track's centre line and the car's positions (T, 2) under several policies.
+
+    `zoom` limits the view to that many metres around the start (None: the whole track).
+    """
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    track_xy = np.asarray(track_xy)
+    ax.plot(*np.vstack([track_xy, track_xy[:1]]).T, color="0.6", lw=6, alpha=0.5, label="track")
+    for label, p in paths.items():
+        p = np.asarray(p)
+        ax.plot(p[:, 0], p[:, 1], lw=1.5, label=label)
+        ax.plot(*p[-1], "o", color=ax.lines[-1].get_color())
+    start = np.asarray(next(iter(paths.values())))[0] if paths else track_xy[0]
+    ax.plot(*start, "k*", ms=10, label="start")
+    if zoom is not None:
+        ax.set_xlim(start[0] - zoom, start[0] + zoom)
+        ax.set_ylim(start[1] - zoom, start[1] + zoom)
+    ax.set_aspect("equal")
+    ax.legend(fontsize=8)
+    ax.set_xlabel("x (m)")
+    ax.set_ylabel("y (m)")
+    fig.tight_layout()
+    return fig
+
+
+def video_html(frames, fps: int = 25, scale: int = 3) -> str:
+    """An HTML ``<video>`` tag with the frames as an embedded MP4 (H.264), for notebooks.
+
+    Falls back to an animated GIF ``<img>`` when no ffmpeg is available.
+    """
+    import imageio.v3 as iio
+    from PIL import Image
+
+    frames = to_uint8(frames)
+    if scale != 1:
+        frames = np.stack(
+            [np.asarray(Image.fromarray(f).resize((f.shape[1] * scale, f.shape[0] * scale), Image.NEAREST)) for f in frames]
+        )
+    try:
+        data = iio.imwrite("<bytes>", frames, extension=".mp4", fps=fps, codec="libx264", macro_block_size=16)
+        b64 = base64.b64encode(data).decode()
+        return f'<video controls loop width="{frames.shape[2]}" src="data:video/mp4;base64,{b64}"></video>'
+    except Exception:  # no ffmpeg plugin: a GIF plays everywhere
+        data = iio.imwrite("<bytes>", frames, extension=".gif", duration=1000 / fps, loop=0)
+        b64 = base64.b64encode(data).decode()
+        return f'<img src="data:image/gif;base64,{b64}" width="{frames.shape[2]}"/>'
+
+
+def video_file_html(path: str | Path, width: int | None = None) -> str:
+    """An HTML tag embedding a video file (.mp4 as ``<video>``, .gif as ``<img>``) as a data URI."""
+    path = Path(path)
+    b64 = base64.b64encode(path.read_bytes()).decode()
+    size = f' width="{width}"' if width else ""
+    if path.suffix.lower() == ".gif":
+        return f'<img src="data:image/gif;base64,{b64}"{size}/>'
+    return f'<video controls loop{size} src="data:video/mp4;base64,{b64}"></video>'
+
+
+def figure_to_array(fig, dpi: int = 80) -> np.ndarray:
+    """Render a matplotlib figure to an RGB uint8 array (H, W, 3) and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.set_dpi(dpi)
+    fig.canvas.draw()
+    rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return rgb
+
+
+def save_video(frames, path: str | Path, fps: int = 25) -> Path:
+    """Write frames (T, H, W, 3) to a video file (format from the suffix: .mp4, .gif)."""
+    import imageio.v3 as iio
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".gif":
+        iio.imwrite(path, to_uint8(frames), duration=1000 / fps, loop=0)
+    else:
+        iio.imwrite(path, to_uint8(frames), fps=fps)
+    return path
+
+
+# --- layer 2: precomputed frames, linked in the browser -----------------------------------------
+
+
+def _image(frame, scale: int, width: int | None):
+    import ipywidgets as widgets
+
+    data = png_bytes(frame, scale)
+    h, w = to_uint8(frame).shape[:2]
+    px = width if width is not None else w * scale
+    return widgets.Image(value=data, format="png", width=px, height=int(round(px * h / w)))
+
+
+def _stack(children, index: int = 0):
+    import ipywidgets as widgets
+
+    return widgets.Stack(children=list(children), selected_index=index)
+
+
+def _link_both(source: tuple, target: tuple) -> list:
+    """Link two traits in the browser (jslink) and in the kernel (link); returns both links."""
+    import ipywidgets as widgets
+
+    return [widgets.jslink(source, target), widgets.link(source, target)]
+
+
+def precomputed_slider(
+    frames,
+    description: str = "step",
+    labels: Sequence[str] | None = None,
+    scale: int = 3,
+    width: int | None = None,
+    play: bool = True,
+    interval: int = 120,
+):
+    """A slider over precomputed frames that works without a kernel.
+
+    Each frame becomes an ``Image`` in a ``Stack``; the slider's value is jslinked to the
+    stack's ``selected_index`` (and, with `play`, a ``Play`` button to the slider), so the
+    static HTML flips through the frames in the browser. Returns a ``VBox`` with
+    attributes ``slider``, ``stack``, ``play`` (or None) and ``links``.
+    """
+    import ipywidgets as widgets
+
+    frames = to_uint8(frames)
+    if len(frames) == 0:
+        raise ValueError("precomputed_slider needs at least one frame")
+    stack = _stack([_image(f, scale, width) for f in frames])
+    slider = widgets.IntSlider(value=0, min=0, max=len(frames) - 1, description=description, continuous_update=True)
+    links = _link_both((slider, "value"), (stack, "selected_index"))
+    controls = [slider]
+    player = None
+    if play:
+        player = widgets.Play(value=0, min=0, max=len(frames) - 1, interval=interval, description="play")
+        links += _link_both((player, "value"), (slider, "value"))
+        controls.insert(0, player)
+    children = [widgets.HBox(controls), stack]
+    if labels is not None:
+        caption = _stack([widgets.Label(str(t)) for t in labels])
+        links += _link_both((slider, "value"), (caption, "selected_index"))
+        children.insert(1, caption)
+    box = widgets.VBox(children)
+    box.slider, box.stack, box.play, box.links = slider, stack, player, links
+    return box
+
+
+def traversal_frames(vae, z0, dims: Sequence[int], values: Sequence[float]) -> np.ndarray:
+    """Decoded traversals: frame [i, j] has z0 with dimension dims[i] set to values[j].
+
+    Returns uint8 (len(dims), len(values), 64, 64, 3).
+    """
+    z0 = np.asarray(z0, np.float32).reshape(-1)
+    zs = np.repeat(z0[None, None], len(dims), 0).repeat(len(values), 1)
+    for i, d in enumerate(dims):
+        zs[i, :, d] = values
+    return decode(vae, zs.reshape(-1, z0.size)).reshape(len(dims), len(values), *(64, 64, 3))
+
+
+def precomputed_traversal(
+    vae,
+    z0,
+    dims: Sequence[int],
+    values: Sequence[float] = tuple(np.linspace(-3, 3, 13)),
+    scale: int = 3,
+):
+    """Latent traversals one dimension at a time, precomputed, linked in the browser.
+
+    A toggle picks the dimension (outer ``Stack``), one slider picks the value (the inner
+    stacks' ``selected_index``). Returns a ``VBox`` with ``dim``, ``slider``, ``stack``
+    (the outer one) and ``links``.
+    """
+    import ipywidgets as widgets
+
+    values = [float(v) for v in values]
+    grid = traversal_frames(vae, z0, dims, values)
+    mid = int(np.argmin(np.abs(np.asarray(values))))
+    slider = widgets.IntSlider(value=mid, min=0, max=len(values) - 1, description="value", readout=False)
+    value_label = _stack([widgets.Label(f"z = {v:+.2f}") for v in values], index=mid)
+    inner = [_stack([_image(f, scale, None) for f in row], index=mid) for row in grid]
+    outer = _stack(inner)
+    dim = widgets.ToggleButtons(options=[f"z[{d}]" for d in dims], description="dimension", index=0)
+    dim.style.button_width = "56px"
+    links = _link_both((dim, "index"), (outer, "selected_index"))
+    for s in inner + [value_label]:
+        links += _link_both((slider, "value"), (s, "selected_index"))
+    box = widgets.VBox([dim, widgets.HBox([slider, value_label]), outer])
+    box.dim, box.slider, box.stack, box.links = dim, slider, outer, links
+    return box
+
+
+def shown_image(widget) -> bytes:
+    """The PNG bytes of the image a widget currently shows (follows Stacks and Boxes)."""
+    import ipywidgets as widgets
+
+    w = getattr(widget, "stack", None) or getattr(widget, "image", None) or widget
+    while True:
+        if isinstance(w, widgets.Image):
+            return bytes(w.value)
+        if isinstance(w, widgets.Stack):
+            w = w.children[w.selected_index]
+        elif isinstance(w, widgets.Box):
+            images = [c for c in w.children if isinstance(c, (widgets.Image, widgets.Stack, widgets.Box))]
+            if not images:
+                raise ValueError("no image in this widget")
+            w = images[-1]
+        else:
+            raise ValueError(f"cannot find the shown image in {type(w).__name__}")
+
+
+# --- layer 3: live widgets (need a kernel) ---------------------------------------------------
+
+
+def traversal_widget(vae, frames, dims: Sequence[int] | None = None, value_range: float = 3.0, scale: int = 4):
+    """Live latent traversal: pick a frame, move sliders on latent dimensions, see V decode.
+
+    `frames` is (N, 64, 64, 3) uint8; the frame slider loads a frame's posterior mean into
+    the latent sliders (`dims`, default the first 8). Returns a ``VBox`` with ``frame``,
+    ``sliders``, ``image`` (the decoded frame), ``original`` and ``z`` (the current code).
+    """
+    import ipywidgets as widgets
+
+    frames = to_uint8(frames)
+    mus = encode(vae, frames)
+    dims = list(range(min(8, vae.z_size))) if dims is None else list(dims)
+    frame = widgets.IntSlider(value=0, min=0, max=len(frames) - 1, description="frame")
+    sliders = [
+        widgets.FloatSlider(value=0.0, min=-value_range, max=value_range, step=0.05, description=f"z[{d}]", continuous_update=False)
+        for d in dims
+    ]
+    original = widgets.Image(value=png_bytes(frames[0], scale), format="png")
+    image = widgets.Image(value=png_bytes(decode(vae, mus[:1])[0], scale), format="png")
+    reset = widgets.Button(description="reset to the frame's z")
+    box = widgets.VBox(
+        [
+            widgets.HBox([frame, reset]),
+            widgets.HBox([widgets.VBox([widgets.Label("frame"), original]), widgets.VBox([widgets.Label("decoded z"), image])]),
+            widgets.VBox(sliders),
+        ]
+    )
+    box.frame, box.sliders, box.image, box.original, box.dims = frame, sliders, image, original, dims
+    box.z = mus[0].copy()
+    state = {"loading": False}
+
+    def redraw(_=None):
+        if state["loading"]:
+            return
+        z = mus[frame.value].copy()
+        for d, s in zip(dims, sliders):
+            z[d] = s.value
+        box.z = z
+        image.value = png_bytes(decode(vae, z[None])[0], scale)
+
+    def load(_=None):
+        state["loading"] = True
+        for d, s in zip(dims, sliders):
+            s.value = float(np.clip(mus[frame.value, d], -value_range, value_range))
+        state["loading"] = False
+        original.value = png_bytes(frames[frame.value], scale)
+        redraw()
+
+    frame.observe(load, names="value")
+    reset.on_click(load)
+    for s in sliders:
+        s.observe(redraw, names="value")
+    load()
+    return box
+
+
+ACTIONS = {
+    "left": (-1.0, 0.3, 0.0),
+    "straight": (0.0, 0.3, 0.0),
+    "right": (1.0, 0.3, 0.0),
+    "gas": (0.0, 1.0, 0.0),
+    "brake": (0.0, 0.0, 0.8),
+}
+"""Named actions (steer, gas, brake) of the dream widgets."""
+
+
+@torch.no_grad()
+def dream_rollout(
+    vae,
+    mdrnn,
+    z0,
+    actions: np.ndarray,
+    tau: float = 1.0,
+    seed: int = 0,
+) -> np.ndarray:
+    """Dream from latent z0 under a sequence of actions (T, 3) at temperature `tau`.
+
+    M predicts each next z from (z, a, h); the sampled z is decoded by V. Returns the
+    uint8 frames (T + 1, 64, 64, 3), the first being V's decoding of z0.
+    """
+    from worldmodels.mdrnn import sample_next_z
+
+    weight = next(mdrnn.parameters())
+    g = torch.Generator(device=weight.device).manual_seed(seed)
+    z = torch.as_tensor(np.asarray(z0, np.float32)).reshape(1, -1).to(weight.device, weight.dtype)
+    state = None
+    zs = [z]
+    for a in np.asarray(actions, np.float32):
+        out, state = mdrnn.step(z, torch.as_tensor(a).reshape(1, 3).to(weight.device, weight.dtype), state)
+        z = sample_next_z(out, tau, g)
+        zs.append(z)
+    return decode(vae, torch.cat(zs))
+
+
+def precomputed_dream(
+    vae,
+    mdrnn,
+    z0,
+    actions: Mapping[str, Sequence[float]] | None = None,
+    temperatures: Sequence[float] = (0.5, 1.0, 1.5),
+    steps: int = 16,
+    scale: int = 3,
+    seed: int = 0,
+):
+    """Dreams for a few fixed actions and temperatures, precomputed, linked in the browser.
+
+    For each named action (held for `steps` steps) and each temperature, one dreamed
+    sequence; toggles pick the action and the temperature, a slider (and Play) the step.
+    Returns a ``VBox`` with ``action``, ``temperature``, ``slider``, ``stack``, ``links``.
+    """
+    import ipywidgets as widgets
+
+    actions = dict(actions) if actions is not None else {k: ACTIONS[k] for k in ("left", "straight", "right")}
+    slider = widgets.IntSlider(value=0, min=0, max=steps, description="step")
+    player = widgets.Play(value=0, min=0, max=steps, interval=150, description="play")
+    links = _link_both((player, "value"), (slider, "value"))
+    per_action = []
+    temp_toggle = widgets.ToggleButtons(options=[f"τ = {t:g}" for t in temperatures], description="temperature", index=0)
+    action_toggle = widgets.ToggleButtons(options=list(actions), description="action", index=0)
+    for name, a in actions.items():
+        per_temp = []
+        for k, tau in enumerate(temperatures):
+            frames = dream_rollout(vae, mdrnn, z0, np.tile(np.asarray(a, np.float32), (steps, 1)), tau, seed + k)
+            s = _stack([_image(f, scale, None) for f in frames])
+            links += _link_both((slider, "value"), (s, "selected_index"))
+            per_temp.append(s)
+        t_stack = _stack(per_temp)
+        links += _link_both((temp_toggle, "index"), (t_stack, "selected_index"))
+        per_action.append(t_stack)
+    outer = _stack(per_action)
+    links += _link_both((action_toggle, "index"), (outer, "selected_index"))
+    box = widgets.VBox([action_toggle, temp_toggle, widgets.HBox([player, slider]), outer])
+    box.action, box.temperature, box.slider, box.stack, box.links = action_toggle, temp_toggle, slider, outer, links
+    return box
+
+
+def dream_widget(vae, mdrnn, z0, scale: int = 4, seed: int = 0, tau: float = 1.0):
+    """Drive in the dream, live: action buttons step M, V decodes its sampled z.
+
+    Each button press (left, straight, right, gas, brake) runs one step of M from the
+    current (z, h) with that action, samples the next z at the slider's temperature and
+    shows V's decoding of it. "reset" goes back to z0. Returns a ``VBox`` with
+    ``buttons`` (name -> Button), ``temperature``, ``reset``, ``image``, ``z``, ``t``.
+    """
+    import ipywidgets as widgets
+
+    from worldmodels.mdrnn import sample_next_z
+
+    weight = next(mdrnn.parameters())
+    z_start = torch.as_tensor(np.asarray(z0, np.float32)).reshape(1, -1).to(weight.device, weight.dtype)
+    temperature = widgets.FloatSlider(value=tau, min=0.05, max=2.0, step=0.05, description="temperature τ")
+    image = widgets.Image(value=png_bytes(decode(vae, z_start)[0], scale), format="png")
+    status = widgets.Label("step 0")
+    buttons = {name: widgets.Button(description=name, layout=widgets.Layout(width="80px")) for name in ACTIONS}
+    reset = widgets.Button(description="reset", button_style="warning", layout=widgets.Layout(width="80px"))
+    box = widgets.VBox([widgets.HBox(list(buttons.values()) + [reset]), temperature, status, image])
+    box.buttons, box.temperature, box.reset, box.image = buttons, temperature, reset, image
+    sim = {"z": z_start, "state": None, "t": 0, "g": torch.Generator(device=weight.device).manual_seed(seed)}
+    box.z, box.t = z_start[0].cpu().numpy(), 0
+
+    def act(name):
+        def on_click(_=None):
+            a = torch.tensor([ACTIONS[name]], dtype=weight.dtype, device=weight.device)
+            with torch.no_grad():
+                out, sim["state"] = mdrnn.step(sim["z"], a, sim["state"])
+                sim["z"] = sample_next_z(out, temperature.value, sim["g"])
+            sim["t"] += 1
+            box.z, box.t = sim["z"][0].cpu().numpy(), sim["t"]
+            status.value = f"step {sim['t']}: {name}"
+            image.value = png_bytes(decode(vae, sim["z"])[0], scale)
+
+        return on_click
+
+    def on_reset(_=None):
+        sim.update(z=z_start, state=None, t=0, g=torch.Generator(device=weight.device).manual_seed(seed))
+        box.z, box.t = z_start[0].cpu().numpy(), 0
+        status.value = "step 0"
+        image.value = png_bytes(decode(vae, z_start)[0], scale)
+
+    for name, b in buttons.items():
+        b.on_click(act(name))
+    reset.on_click(on_reset)
+    return box
+
+
+# --- the toy problem of chapter 5 ------------------------------------------------------------
+
+
+def plot_es_generations(
+    f: Callable[[np.ndarray], np.ndarray],
+    history: Iterable[dict],
+    lim: float = 3.0,
+    ncols: int = 4,
+):
+    """Panels of a 2-D evolution strategy: the function's contours, each generation's
+    samples, the search distribution's mean and its 1- and 2-sigma ellipses.
+
+    `history` holds dicts with ``mean`` (2,), ``cov`` (2, 2), ``samples`` (n, 2) and
+    optionally ``generation``.
+    """
+    import matplotlib.pyplot as plt
+
+    history = list(history)
+    nrows = -(-len(history) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.6 * ncols, 2.6 * nrows), squeeze=False)
+    g = np.linspace(-lim, lim, 200)
+    X, Y = np.meshgrid(g, g)
+    Z = f(np.stack([X, Y], -1))
+    # log-spaced levels for a non-negative function, so that the valley floor shows
+    levels = np.geomspace(max(Z.min(), 1e-3 * Z.max()) + 1e-3, Z.max(), 15) if Z.min() >= 0 else 15
+    t = np.linspace(0, 2 * np.pi, 100)
+    circle = np.stack([np.cos(t), np.sin(t)])
+    for ax, h in zip(axes.flat, history):
+        ax.contour(X, Y, Z, levels=levels, cmap="viridis", linewidths=0.6)
+        s = np.asarray(h["samples"])
+        ax.scatter(s[:, 0], s[:, 1], s=8, color="tab:red", zorder=3)
+        m = np.asarray(h["mean"])
+        vals, vecs = np.linalg.eigh(np.asarray(h["cov"]))
+        root = vecs @ np.diag(np.sqrt(np.maximum(vals, 0)))
+        for k in (1, 2):
+            e = m[:, None] + k * root @ circle
+            ax.plot(e[0], e[1], color="k", lw=1, ls="-" if k == 1 else ":")
+        ax.plot(*m, "k+", ms=10)
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+        ax.set_aspect("equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(f"generation {h.get('generation', '?')}", fontsize=9)
+    for ax in list(axes.flat)[len(history):]:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
