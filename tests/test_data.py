@@ -97,6 +97,9 @@ def test_episode_round_trip(tmp_path):
         np.testing.assert_array_equal(getattr(back, key), getattr(ep, key))
         assert getattr(back, key).dtype == getattr(ep, key).dtype
     assert back.seed == 42 and len(back) == 7 and back.frames.shape == (8, 64, 64, 3)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "e.npz").stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
 
 
 def test_truncated_and_corrupt_files_name_the_file(tmp_path):
