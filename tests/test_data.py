@@ -265,3 +265,27 @@ def test_readers_raise_on_corrupt_files_or_skip_them_with_a_warning(tmp_path):
         SequenceDataset([good, bad], 3, source="obs")
     with pytest.warns(UserWarning, match="episode_000001.npz"):
         assert len(SequenceDataset([good, bad], 3, source="obs", skip_corrupt=True)) == 2
+
+
+def test_an_episode_that_ends_early_stops_being_stepped_while_the_others_go_on(tmp_path, monkeypatch):
+    """Cars leaving the field end their episode; the rest of the vector must carry on."""
+    import gymnasium as gym
+
+    import worldmodels.data as data_module
+
+    lengths = iter([7, 60])
+
+    def short_env(cfg):
+        return gym.wrappers.TimeLimit(make_env(cfg), max_episode_steps=next(lengths))
+
+    monkeypatch.setattr(data_module, "make_env", short_env)
+    cfg = tiny(**{"data.episodes": 2, "data.envs_per_worker": 2})
+    collect(cfg, tmp_path, quiet=True)
+    first, second = (load_episode(episode_path(tmp_path / "data", i)) for i in range(2))
+    assert len(first) == 7 and first.truncated[-1] and not first.truncated[:-1].any()
+    assert len(second) == 60
+    env = make_env(cfg.env)  # the short episode's final frame is the one after its last action
+    env.reset(seed=first.seed)
+    for a in first.action:
+        obs, *_ = env.step(a)
+    np.testing.assert_array_equal(obs, first.final_obs)

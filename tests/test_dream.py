@@ -115,6 +115,10 @@ def test_initial_latents_and_dream_task(tmp_path):
     r1, r2 = dream_task(worker, task), dream_task(worker, task)
     assert r1.shape == (3,) and np.isfinite(r1).all()
     np.testing.assert_array_equal(r1, r2)
+    later = Task("train", 5, np.arange(3), params, np.array([7, 7, 7]), max_steps=20)
+    assert not np.array_equal(dream_task(worker, later), r1)  # training dreams change every generation
+    validate = [Task("validate", g, np.arange(3), params, np.array([7, 7, 7]), max_steps=20) for g in (0, 5)]
+    np.testing.assert_array_equal(dream_task(worker, validate[0]), dream_task(worker, validate[1]))
 
 
 def test_train_controller_in_dream_tiny(tmp_path):

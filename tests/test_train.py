@@ -12,6 +12,7 @@ from safetensors import safe_open
 from worldmodels import cli, train
 from worldmodels.config import preset
 from worldmodels.data import collect, episode_files, load_episode, load_latents
+from worldmodels.data import EpisodeError
 from worldmodels.mdrnn import MDRNN
 from worldmodels.runs import RunDir, load_tensors, read_json
 from worldmodels.vae import VAE, frames_to_tensor
@@ -310,3 +311,15 @@ def test_sequence_cache_gives_the_same_items(trained_run):
             assert all(torch.equal(a[k], b[k]) for k in a)
             b["mu"].add_(1)  # items are copies: the cache is unchanged
     assert len(cached._cache) == 2
+
+
+def test_corrupt_episode_stops_training_or_is_skipped_when_asked(tmp_path, data_run):
+    run = fresh(tmp_path, data_run)
+    (run / "data" / "episode_000002.npz").write_bytes(b"not an episode")
+    with pytest.raises(EpisodeError, match="episode_000002.npz"):
+        train.train_vae(tiny(**SMALL_V), run, quiet=True)
+    skip = tiny(**SMALL_V, **{"data.skip_corrupt": True})  # a speed-only field: same run directory
+    with pytest.warns(UserWarning, match="episode_000002.npz"):
+        train.train_vae(skip, run, quiet=True)
+        latents = train.encode(skip, run, quiet=True)
+    assert [p.name for p in latents] == ["episode_000000.npz", "episode_000001.npz", "episode_000003.npz"]

@@ -27,6 +27,8 @@ CARRACING_MAX_STEPS = 1000
 """CarRacing-v3's time limit (gymnasium truncates an episode after 1,000 steps)."""
 
 SCALES = ("tiny", "book", "paper")
+CMA_VALIDATION_OFFSET = 500_000
+"""CMA-ES's validation tracks use seeds cma.seed + CMA_VALIDATION_OFFSET + i."""
 Scale = Literal["tiny", "book", "paper"]
 
 
@@ -85,8 +87,8 @@ class EnvConfig(_Section):
     """Use the package's bit-identical, faster renderer (`worldmodels/CarRacing-v3`)."""
     crop_indicator_bar: bool = True
     """Keep rows 0-83 of the 96x96 frame, dropping the indicator bar, as the authors' code did."""
-    frame_size: int = _bounded(64, 8, 96)
-    """Side of the square observation after resizing (the paper: 64)."""
+    frame_size: int = _bounded(64, 64, 64)
+    """Side of the square observation after resizing (64: V's architecture is built for it)."""
 
     _section = "env"
 
@@ -267,8 +269,23 @@ class Config(_Section):
                 f"mdrnn.seq_len = {self.mdrnn.seq_len} must be below data.episode_steps = "
                 f"{self.data.episode_steps}: allowed [1, {self.data.episode_steps - 1}]"
             )
+        self._check_eval_seeds_unseen()
         if not (self.device in ("auto", "cpu", "mps") or self.device.startswith("cuda")):
             raise ConfigError(f"device = {self.device!r} is not allowed: 'auto', 'cpu', 'mps' or 'cuda[:N]'")
+
+    def _check_eval_seeds_unseen(self) -> None:
+        """The evaluation tracks must never be used for training or model selection."""
+        eval_range = (self.eval.seed, self.eval.seed + self.eval.episodes)
+        used = {
+            "data.seed": (self.data.seed, self.data.seed + self.data.episodes),
+            "cma.seed": (self.cma.seed, self.cma.seed + CMA_VALIDATION_OFFSET + self.cma.eval_episodes),
+        }
+        for name, (lo, hi) in used.items():
+            if lo < eval_range[1] and eval_range[0] < hi:
+                raise ConfigError(
+                    f"eval.seed: the evaluation tracks [{eval_range[0]}, {eval_range[1]}) overlap the tracks of "
+                    f"{name} [{lo}, {hi}); evaluation must use unseen tracks: move eval.seed or {name}"
+                )
 
     # --- conversion -----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

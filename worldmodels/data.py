@@ -201,14 +201,16 @@ def split_episodes(files: Sequence[Path], test_fraction: float, seed: int = 0) -
 
 
 def _collect_group(env_cfg: EnvConfig, data_cfg: DataConfig, data_dir: str, indices: list[int]) -> list[dict]:
-    """Run one vector of environments, one episode each, and write the episode files."""
-    from gymnasium.vector import AutoresetMode, SyncVectorEnv
+    """Run one vector of environments in lockstep, one episode each, and write the episode files.
 
+    The policy acts for the whole vector each step (so each episode's actions depend only
+    on its seed); an environment that has ended is no longer stepped.
+    """
     n = len(indices)
     seeds = [data_cfg.seed + i for i in indices]
-    envs = SyncVectorEnv([lambda: make_env(env_cfg)] * n, autoreset_mode=AutoresetMode.DISABLED)
+    envs = [make_env(env_cfg) for _ in range(n)]
     policy = RandomPolicy(data_cfg.policy, policy_rngs(seeds), data_cfg.brownian_dt)
-    obs, _ = envs.reset(seed=seeds)
+    obs = np.stack([env.reset(seed=seed)[0] for env, seed in zip(envs, seeds)])
     T = data_cfg.episode_steps
     buf = {
         "obs": np.zeros((n, T, *obs.shape[1:]), np.uint8),
@@ -218,27 +220,24 @@ def _collect_group(env_cfg: EnvConfig, data_cfg: DataConfig, data_dir: str, indi
         "truncated": np.zeros((n, T), bool),
     }
     length = np.full(n, T)
-    final_obs = np.zeros_like(obs)
     alive = np.ones(n, bool)
     for t in range(T):
         action = policy()
-        buf["obs"][:, t] = obs
-        buf["action"][:, t] = action
-        obs, reward, terminated, truncated, _ = envs.step(action)
-        truncated = truncated | (t == T - 1)
-        for key, value in (("reward", reward), ("terminated", terminated), ("truncated", truncated)):
-            buf[key][alive, t] = value[alive]
-        ended = alive & (terminated | truncated)
-        final_obs[ended] = obs[ended]
-        length[ended] = t + 1
-        alive &= ~ended
+        for j in np.flatnonzero(alive):
+            buf["obs"][j, t], buf["action"][j, t] = obs[j], action[j]
+            obs[j], reward, terminated, truncated, _ = envs[j].step(action[j])
+            truncated = truncated or t == T - 1
+            buf["reward"][j, t], buf["terminated"][j, t], buf["truncated"][j, t] = reward, terminated, truncated
+            if terminated or truncated:
+                alive[j], length[j] = False, t + 1
         if not alive.any():
             break
-    envs.close()
+    for env in envs:
+        env.close()
     out = []
     for j, index in enumerate(indices):
         L = length[j]
-        ep = Episode(**{k: v[j, :L] for k, v in buf.items()}, final_obs=final_obs[j], seed=seeds[j])
+        ep = Episode(**{k: v[j, :L] for k, v in buf.items()}, final_obs=obs[j].copy(), seed=seeds[j])
         save_episode(episode_path(data_dir, index), ep)
         out.append(_episode_record(index, ep))
     return out
@@ -355,7 +354,8 @@ def read_manifest(run: str | Path | RunDir) -> dict:
 # --- readers -----------------------------------------------------------------------------
 
 
-def _load_or_skip(path: Path, skip_corrupt: bool, loader=load_episode):
+def load_or_skip(path: Path, skip_corrupt: bool, loader=load_episode):
+    """`loader(path)`, or None with a warning when the file is corrupt and `skip_corrupt` is set."""
     try:
         return loader(path)
     except EpisodeError as e:
@@ -395,7 +395,7 @@ class FrameDataset(torch.utils.data.IterableDataset):
         self.epoch = epoch
 
     def _frames(self, path: Path, rng: np.random.Generator) -> np.ndarray | None:
-        ep = _load_or_skip(path, self.skip_corrupt)
+        ep = load_or_skip(path, self.skip_corrupt)
         if ep is None:
             return None
         frames = ep.frames
@@ -410,6 +410,8 @@ class FrameDataset(torch.utils.data.IterableDataset):
         for k in range(0, len(order), self.shuffle_episodes):
             chunk = [self._frames(self.files[i], rng) for i in order[k : k + self.shuffle_episodes]]
             chunk = [c for c in chunk if c is not None]
+            if not chunk:
+                continue
             pool = np.concatenate(([carry] if len(carry) else []) + chunk)
             pool = pool[rng.permutation(len(pool))]
             n_full = len(pool) // self.batch_size * self.batch_size
@@ -496,7 +498,7 @@ class SequenceDataset(torch.utils.data.Dataset):
         self.index: list[tuple[int, int]] = []
         loader = load_episode if source == "obs" else load_latents
         for path in files:
-            ep = _load_or_skip(Path(path), skip_corrupt, loader)
+            ep = load_or_skip(Path(path), skip_corrupt, loader)
             if ep is None:
                 continue
             T = len(ep) if source == "obs" else len(ep["action"])

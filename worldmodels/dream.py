@@ -181,7 +181,10 @@ def dream_task(worker: DreamWorker, task: Task) -> np.ndarray:
     env = DreamEnv(worker.mdrnn, worker.temperature, task.max_steps)
     controller = BatchedController(worker.shape, task.params)
     z0 = initial_z_for_seeds(worker.mu, worker.logvar, task.seeds)
-    key = np.random.SeedSequence([task.generation, *map(int, np.unique(task.seeds))]).generate_state(1)[0]
+    # Validation dreams are the same every time (the generation is left out of their seed),
+    # so that the best mean is chosen on one fixed set of dreams, not on lucky noise.
+    generation = 0 if task.kind == "validate" else task.generation
+    key = np.random.SeedSequence([generation, *map(int, np.unique(task.seeds))]).generate_state(1)[0]
     generator = torch.Generator().manual_seed(int(key))
     returns, _ = dream_rollout(env, controller, z0, generator)
     return returns

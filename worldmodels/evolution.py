@@ -24,11 +24,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from worldmodels.config import CMAConfig, Config, ConfigError
+from worldmodels.config import CMA_VALIDATION_OFFSET, CMAConfig, Config, ConfigError
 from worldmodels.parallel import Executor, TaskFn, make_executor
 from worldmodels.runs import RunDir, as_run_dir, save_tensors, write_bytes, write_json
 
-VALIDATION_OFFSET = 500_000
+VALIDATION_OFFSET = CMA_VALIDATION_OFFSET
 """Validation tracks use seeds ``cma.seed + 500_000 + i``; training tracks stay below them."""
 
 HISTORY_FIELDS = (

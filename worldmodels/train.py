@@ -55,6 +55,7 @@ from tqdm.auto import tqdm
 
 from worldmodels.config import Config
 from worldmodels.data import (
+    load_or_skip,
     FrameDataset,
     SequenceDataset,
     episode_path,
@@ -530,7 +531,7 @@ def _vae_losses(model: VAE, x: Tensor, precision: _Precision, generator: torch.G
 
 
 @torch.no_grad()
-def _test_vae(model: VAE, ds: FrameDataset, device: torch.device, precision: _Precision, cfg: Config) -> dict[str, float]:
+def _test_vae(model: VAE, ds: FrameDataset, device: torch.device, precision: _Precision, cfg: Config) -> dict[str, float] | None:
     model.eval()
     sums, n = dict.fromkeys(VAE_PARTS, 0.0), 0
     for i, batch in enumerate(prefetch(_pin(b, device) for b in ds)):
@@ -540,7 +541,7 @@ def _test_vae(model: VAE, ds: FrameDataset, device: torch.device, precision: _Pr
             sums[k] += float(getattr(losses, k)) * len(x)
         n += len(x)
     model.train()
-    return {k: v / n for k, v in sums.items()}
+    return {k: v / n for k, v in sums.items()} if n else None  # None: every test episode was skipped
 
 
 def train_vae(
@@ -586,7 +587,12 @@ def train_vae(
 
     train_files, test_files = split_episodes(_episodes(cfg, run), cfg.data.test_fraction, cfg.train_seed)
     v = cfg.vae
-    loader = dict(frames_per_episode=v.frames_per_episode, shuffle_episodes=v.shuffle_episodes, seed=cfg.train_seed)
+    loader = dict(
+        frames_per_episode=v.frames_per_episode,
+        shuffle_episodes=v.shuffle_episodes,
+        seed=cfg.train_seed,
+        skip_corrupt=cfg.data.skip_corrupt,
+    )
     train_ds = FrameDataset(train_files, v.batch_size, **loader)
     test_ds = FrameDataset(test_files, v.batch_size, drop_last=False, **loader) if test_files else None
     steps_per_epoch = train_ds.num_frames() // v.batch_size
@@ -645,8 +651,8 @@ def encode(cfg: Config, run: str | Path | RunDir, *, quiet: bool = False, batch_
     files = _episodes(cfg, run)
     out = [latent_path(run.latents, f) for f in files]
     marker = run.latents / "done.json"
-    if marker.exists() and all(o.exists() for o in out):
-        return out
+    if marker.exists():  # episodes skipped as corrupt (data.skip_corrupt) have no latents
+        return [o for o in out if o.exists()]
     if not (run.path / "vae" / "done.json").exists():
         raise FileNotFoundError(
             f"{run.path / 'vae' / 'done.json'}: V has not finished training; "
@@ -656,7 +662,10 @@ def encode(cfg: Config, run: str | Path | RunDir, *, quiet: bool = False, batch_
     model = load_vae(run, device)
     todo = [(f, o) for f, o in zip(files, out) if not o.exists()]
     with torch.no_grad(), tqdm(total=len(out), initial=len(out) - len(todo), desc="encode", unit="ep", disable=quiet or None) as bar:
-        for (_, path), ep in zip(todo, prefetch(load_episode(f) for f, _ in todo)):
+        for (_, path), ep in zip(todo, prefetch(load_or_skip(f, cfg.data.skip_corrupt) for f, _ in todo)):
+            if ep is None:
+                bar.update(1)
+                continue
             frames = torch.from_numpy(ep.frames)
             mus, logvars = [], []
             for k in range(0, len(frames), batch_size):
@@ -666,6 +675,7 @@ def encode(cfg: Config, run: str | Path | RunDir, *, quiet: bool = False, batch_
             save_latents(path, torch.cat(mus).numpy(), torch.cat(logvars).numpy(), ep)
             bar.update(1)
     vae_done = read_json(run.path / "vae" / "done.json")
+    out = [o for o in out if o.exists()]  # episodes skipped as corrupt have no latents
     write_json(marker, {"episodes": len(out), "z_size": cfg.vae.z_size, "vae_step": vae_done.get("best_step")})
     return out
 
@@ -765,8 +775,9 @@ def train_mdrnn(
     m = cfg.mdrnn
     episode_bytes = (cfg.data.episode_steps + 1) * cfg.vae.z_size * 8 + cfg.data.episode_steps * 17
     cache = max(1, LATENT_CACHE_BYTES // episode_bytes)  # whole book-scale datasets fit; paper-scale ones stream
-    train_ds = SequenceDataset(train_files, m.seq_len, "latent", cache_episodes=cache)
-    test_ds = SequenceDataset(test_files, m.seq_len, "latent", cache_episodes=cache) if test_files else None
+    seq = dict(cache_episodes=cache, skip_corrupt=cfg.data.skip_corrupt)
+    train_ds = SequenceDataset(train_files, m.seq_len, "latent", **seq)
+    test_ds = SequenceDataset(test_files, m.seq_len, "latent", **seq) if test_files else None
     steps_per_epoch = math.ceil(len(train_ds) / m.batch_size)
 
     _seed_everything(cfg.train_seed)
