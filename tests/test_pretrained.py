@@ -1,0 +1,73 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from worldmodels import pretrained
+from worldmodels.config import preset
+from worldmodels.controller import ControllerShape, save_controller
+from worldmodels.mdrnn import MDRNN
+from worldmodels.rollout import Agent
+from worldmodels.runs import RunDir, load_tensors, save_tensors, write_json
+from worldmodels.vae import VAE
+
+CFG = preset("tiny")
+
+
+@pytest.fixture()
+def finished_run(tmp_path):
+    """A run with (random) V, M and controller weights and an evaluation, as if finished."""
+    torch.manual_seed(0)
+    run = RunDir(tmp_path / "run")
+    run.bind(CFG)
+    m = CFG.mdrnn
+    save_tensors(run.vae / "vae.safetensors", VAE(CFG.vae.z_size).state_dict())
+    mdrnn = MDRNN(CFG.vae.z_size, 3, m.hidden_size, m.n_gaussians, reward_head=True, done_head=True)
+    save_tensors(run.mdrnn / "mdrnn.safetensors", mdrnn.state_dict())
+    shape = ControllerShape.from_config(CFG)
+    params = np.random.default_rng(0).normal(0, 0.1, shape.n_params)
+    save_controller(run.controller / "best.safetensors", params, shape, {"generation": "7"})
+    write_json(run.eval / "results.json", {"returns": [1.0, 3.0], "mean": 2.0, "std": 1.0})
+    return run, params
+
+
+def test_export_load_round_trip_in_float16(tmp_path, finished_run):
+    run, params = finished_run
+    root = tmp_path / "shipped"
+    pretrained.export(run, "tiny", root=root)
+    assert pretrained.available(root) == ["tiny"]
+    weights = load_tensors(root / "tiny" / "vae" / "vae.safetensors")
+    assert all(v.dtype == torch.float16 for v in weights.values())
+    loaded = pretrained.load("tiny", root=root)
+    np.testing.assert_array_equal(loaded.params, params)  # the controller stays float64
+    assert loaded.results["mean"] == 2.0 and loaded.config == run.load_config()
+    original = Agent.from_run(run)
+    frames = np.random.default_rng(1).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+    z16, z32 = loaded.agent.encode(frames), original.encode(frames)
+    assert torch.allclose(z16, z32, atol=2e-2) and not torch.equal(z16, z32)
+
+
+def test_a_changed_or_missing_file_fails_the_checksum_naming_it(tmp_path, finished_run):
+    run, _ = finished_run
+    root = tmp_path / "shipped"
+    folder = pretrained.export(run, "tiny", root=root)
+    (folder / "eval" / "results.json").write_text(json.dumps({"mean": 999.0}))
+    with pytest.raises(pretrained.ChecksumError, match="eval/results.json"):
+        pretrained.load("tiny", root=root)
+    (folder / "eval" / "results.json").unlink()
+    with pytest.raises(pretrained.ChecksumError, match="missing"):
+        pretrained.verify("tiny", root=root)
+    with pytest.raises(FileNotFoundError, match="no shipped run 'huge'"):
+        pretrained.load("huge", root=root)
+
+
+def test_install_copies_into_a_run_directory_that_then_loads(tmp_path, finished_run):
+    run, params = finished_run
+    root = tmp_path / "shipped"
+    pretrained.export(run, "tiny", root=root)
+    target = pretrained.install("tiny", tmp_path / "copy", root=root)
+    assert target.load_config() == run.load_config()
+    assert not (target.path / pretrained.MANIFEST).exists()
+    agent = Agent.from_run(target)
+    assert agent.mdrnn is not None and agent.vae.fc_mu.weight.dtype == torch.float32

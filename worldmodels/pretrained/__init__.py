@@ -1,0 +1,160 @@
+"""Finished runs shipped inside the package: loaded without pickle, checksums checked.
+
+A shipped run ``worldmodels/pretrained/NAME/`` has the layout of a run directory (so a
+chapter can copy it into ``runs/NAME`` and go on from there) with only what a reader
+needs: the config, V's, M's and C's weights (float16 where that does not change the
+score), the training metrics and the evaluation results, and ``manifest.json`` with the
+SHA-256 of every file, checked on load.
+
+>>> import worldmodels as wm
+>>> book = wm.pretrained.load("book")          # doctest: +SKIP
+>>> book.agent, book.params, book.results["mean"]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from worldmodels.config import Config
+from worldmodels.runs import RunDir, as_run_dir, load_tensors, save_tensors, write_bytes, write_json
+
+ROOT = Path(__file__).resolve().parent
+MANIFEST = "manifest.json"
+
+WEIGHTS = ("vae/vae.safetensors", "mdrnn/mdrnn.safetensors", "controller/best.safetensors")
+"""Weight files, stored in float16 by :func:`export` when ``half`` is set (the controller never)."""
+RECORDS = (
+    "config.json",
+    "vae/done.json",
+    "vae/metrics.csv",
+    "mdrnn/done.json",
+    "mdrnn/metrics.csv",
+    "controller/done.json",
+    "controller/history.csv",
+    "eval/results.json",
+)
+"""Small files copied as they are; those a run does not have are left out."""
+
+
+class ChecksumError(RuntimeError):
+    """A shipped file that is missing or whose SHA-256 differs from its manifest (the message names it)."""
+
+
+@dataclass
+class Pretrained:
+    """A loaded shipped run."""
+
+    name: str
+    path: Path
+    config: Config
+    agent: Any
+    """A :class:`worldmodels.rollout.Agent` with V and M (M only for the 'zh' controller)."""
+    params: np.ndarray
+    """The controller's flat parameter vector."""
+    results: dict | None
+    """``eval/results.json``: the evaluation with the paper's protocol, when shipped."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def available(root: Path = ROOT) -> list[str]:
+    """Names of the shipped runs."""
+    return sorted(p.parent.name for p in Path(root).glob(f"*/{MANIFEST}"))
+
+
+def verify(name: str, root: Path = ROOT) -> Path:
+    """The folder of shipped run `name`, after checking every file against its manifest."""
+    folder = Path(root) / name
+    manifest_path = folder / MANIFEST
+    if not manifest_path.exists():
+        raise FileNotFoundError(
+            f"{manifest_path}: no shipped run {name!r}; available: {', '.join(available(root)) or 'none'}"
+        )
+    manifest = json.loads(manifest_path.read_text())
+    for rel, expected in manifest["sha256"].items():
+        path = folder / rel
+        if not path.exists():
+            raise ChecksumError(f"{path}: listed in {manifest_path} but missing")
+        if _sha256(path) != expected:
+            raise ChecksumError(f"{path}: SHA-256 differs from {manifest_path}; the file is damaged or was changed")
+    return folder
+
+
+def load(name: str = "book", device: str = "cpu", root: Path = ROOT) -> Pretrained:
+    """Load shipped run `name` (checksums checked; safetensors only, no pickle)."""
+    from worldmodels.controller import load_controller
+    from worldmodels.rollout import Agent
+
+    folder = verify(name, root)
+    run = RunDir(folder)
+    config = run.load_config()
+    agent = Agent.from_run(run, config)
+    if device != "cpu":
+        agent.vae.to(device)
+        if agent.mdrnn is not None:
+            agent.mdrnn.to(device)
+    params = load_controller(folder / "controller" / "best.safetensors").params
+    results_path = folder / "eval" / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else None
+    return Pretrained(name, folder, config, agent, params, results)
+
+
+def install(name: str, run: str | Path | RunDir, root: Path = ROOT) -> RunDir:
+    """Copy shipped run `name` into a run directory (checksums checked), keeping what is there."""
+    folder = verify(name, root)
+    run = as_run_dir(run)
+    for src in folder.rglob("*"):
+        if src.is_file() and src.name != MANIFEST:
+            dst = run.path / src.relative_to(folder)
+            if not dst.exists():
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                write_bytes(dst, src.read_bytes())
+    return run
+
+
+def export(run: str | Path | RunDir, name: str, *, half: bool = True, root: Path = ROOT) -> Path:
+    """Pack a finished run as shipped run `name`: weights (float16 when `half`), records, manifest.
+
+    The manifest is written last, so an interrupted export is never loadable.
+    """
+    run = as_run_dir(run)
+    folder = Path(root) / name
+    if folder.exists():
+        shutil.rmtree(folder)
+    files = []
+    for rel in WEIGHTS:
+        tensors = load_tensors(run.path / rel)
+        if half and not rel.startswith("controller/"):
+            tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
+        metadata = _metadata(run.path / rel)
+        save_tensors(folder / rel, tensors, metadata)
+        files.append(rel)
+    for rel in RECORDS:
+        if (run.path / rel).exists():
+            write_bytes(folder / rel, (run.path / rel).read_bytes())
+            files.append(rel)
+    write_json(folder / MANIFEST, {"name": name, "sha256": {rel: _sha256(folder / rel) for rel in files}})
+    return folder
+
+
+def _metadata(path: Path) -> dict[str, str] | None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()
+
+
+__all__ = ["ChecksumError", "Pretrained", "available", "export", "install", "load", "verify"]
