@@ -71,3 +71,18 @@ def test_install_copies_into_a_run_directory_that_then_loads(tmp_path, finished_
     assert not (target.path / pretrained.MANIFEST).exists()
     agent = Agent.from_run(target)
     assert agent.mdrnn is not None and agent.vae.fc_mu.weight.dtype == torch.float32
+
+
+def test_cli_evaluates_a_shipped_run_without_a_run_dir(tmp_path, finished_run, monkeypatch, capsys):
+    from worldmodels.cli import main
+
+    run, _ = finished_run
+    root = tmp_path / "shipped"
+    pretrained.export(run, "tiny", root=root)
+    monkeypatch.setattr(pretrained, "ROOT", root)
+    monkeypatch.setattr(pretrained.install, "__defaults__", (root,))
+    monkeypatch.chdir(tmp_path)
+    main(["evaluate", "--pretrained", "tiny", "--episodes", "2", "--seed", "2000000005", "--json", "--max-steps", "20", "--workers", "1"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(out["returns"]) == 2 and set(out) >= {"returns", "mean", "std"}
+    assert (tmp_path / "runs" / "pretrained-tiny" / "eval" / "results.json").exists()

@@ -83,6 +83,9 @@ class Evaluate(Common):
     """Worker processes (default: cma.workers; 0: one per core)."""
     max_steps: int = 1000
     """Steps per episode (CarRacing-v3's limit is 1,000; fewer only for quick checks)."""
+    pretrained: str = ""
+    """Evaluate a run shipped in the package ('book'): its checksums are checked and it is
+    copied into RUN_DIR (default without --run-dir: runs/pretrained-NAME)."""
 
 
 def run_evaluate(args: Evaluate) -> None:
@@ -91,6 +94,10 @@ def run_evaluate(args: Evaluate) -> None:
     from worldmodels.rollout import evaluate
     from worldmodels.runs import RunDir, write_json
 
+    if args.pretrained:
+        from worldmodels import pretrained
+
+        pretrained.install(args.pretrained, args.run_dir)
     cfg = _run_config(args)
     agent, params, path = _load_agent_and_controller(args.run_dir, cfg, args.controller)
     episodes = args.episodes if args.episodes is not None else cfg.eval.episodes
@@ -318,6 +325,10 @@ def _scale_from_argv(argv: list[str]) -> str:
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     scale = _scale_from_argv(argv)
+    if argv[:1] == ["evaluate"] and "--run-dir" not in argv and not any(a.startswith("--run-dir=") for a in argv):
+        name = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--pretrained"), None)
+        if name:
+            argv += ["--run-dir", str(Path("runs") / f"pretrained-{name}")]
     if scale not in SCALES:
         sys.exit(f"error: --scale {scale!r} is not a preset: choose one of {', '.join(SCALES)}")
     cfg = preset(scale)
