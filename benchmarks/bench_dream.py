@@ -17,6 +17,7 @@ import time
 import numpy as np
 import torch
 
+from stepping import random_steps_per_second
 from worldmodels.config import EnvConfig
 from worldmodels.controller import BatchedController, ControllerShape
 from worldmodels.dream import DreamEnv, dream_rollout
@@ -25,17 +26,7 @@ from worldmodels.mdrnn import MDRNN
 
 
 def real_steps_per_second(steps: int, fast_render: bool = True, seed: int = 0) -> float:
-    env = make_env(EnvConfig(fast_render=fast_render))
-    env.reset(seed=seed)
-    actions = np.random.default_rng(seed).uniform([-1, 0, 0], [1, 1, 1], size=(steps, 3)).astype(np.float32)
-    start = time.perf_counter()
-    for a in actions:
-        _, _, terminated, truncated, _ = env.step(a)
-        if terminated or truncated:
-            env.reset()
-    elapsed = time.perf_counter() - start
-    env.close()
-    return steps / elapsed
+    return random_steps_per_second(make_env(EnvConfig(fast_render=fast_render)), steps, seed)
 
 
 def dream_steps_per_second(batch: int, steps: int, seed: int = 0) -> float:

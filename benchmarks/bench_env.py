@@ -14,8 +14,8 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-import numpy as np
 
+from stepping import random_steps_per_second
 from worldmodels.config import EnvConfig, preset
 from worldmodels.data import collect
 from worldmodels.env import make_env, make_raw_env
@@ -23,21 +23,13 @@ from worldmodels.parallel import cpu_count, mp_context
 
 
 def steps_per_second(kind: str, steps: int, seed: int = 0) -> float:
-    """Step one environment with uniform random actions; the reset is not timed."""
+    """Step one environment with uniform random actions; the first reset is not timed."""
     env = {
         "upstream (96x96)": lambda: make_raw_env(fast_render=False),
         "make_env, upstream renderer": lambda: make_env(EnvConfig(fast_render=False)),
         "make_env, fast renderer": lambda: make_env(EnvConfig(fast_render=True)),
     }[kind]()
-    rng = np.random.default_rng(seed)
-    env.reset(seed=seed)
-    actions = rng.uniform([-1, 0, 0], [1, 1, 1], size=(steps, 3)).astype(np.float32)
-    start = time.perf_counter()
-    for a in actions:
-        _, _, terminated, truncated, _ = env.step(a)
-        if terminated or truncated:
-            env.reset(seed=seed + 1)
-    return steps / (time.perf_counter() - start)
+    return random_steps_per_second(env, steps, seed)
 
 
 def parallel_steps_per_second(kind: str, steps: int, processes: int) -> float:

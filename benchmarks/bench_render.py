@@ -8,30 +8,18 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
-import time
 
 import gymnasium
-import numpy as np
 
-from worldmodels.carracing import register
+import worldmodels  # noqa: F401  (registers worldmodels/CarRacing-v3)
+from stepping import random_steps_per_second
 
 ENVS = {"upstream": "CarRacing-v3", "fast": "worldmodels/CarRacing-v3"}
 
 
 def steps_per_second(env_id: str, steps: int, seed: int = 0) -> float:
     """Step one env with uniform random actions (resetting on episode end); return steps/s."""
-    register()
-    env = gymnasium.make(env_id)
-    env.reset(seed=seed)
-    actions = np.random.default_rng(seed).uniform([-1, 0, 0], [1, 1, 1], size=(steps, 3)).astype(np.float32)
-    start = time.perf_counter()
-    for action in actions:
-        _, _, terminated, truncated, _ = env.step(action)
-        if terminated or truncated:
-            env.reset()
-    elapsed = time.perf_counter() - start
-    env.close()
-    return steps / elapsed
+    return random_steps_per_second(gymnasium.make(env_id), steps, seed)
 
 
 def _worker(args: tuple[str, int, int]) -> float:

@@ -88,7 +88,7 @@ def _worker(rank: int, args, barrier, queue) -> None:
 
 
 def main() -> None:
-    from worldmodels.env import FAST_ID, ensure_registered
+    from worldmodels.env import FAST_ID
     from worldmodels.parallel import cpu_count
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -101,7 +101,6 @@ def main() -> None:
 
     import gymnasium as gym
 
-    ensure_registered()
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     barrier, queue = ctx.Barrier(args.processes), ctx.Queue()
     procs = [ctx.Process(target=_worker, args=(r, args, barrier, queue)) for r in range(args.processes)]

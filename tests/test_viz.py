@@ -6,7 +6,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import ipywidgets as widgets
 from ipywidgets.widgets.widget_link import Link
 import matplotlib.pyplot as plt
 import numpy as np

@@ -8,6 +8,9 @@ import importlib
 
 __version__ = "0.1.0"
 
+FAST_CARRACING_ID = "worldmodels/CarRacing-v3"
+"""Gymnasium id of the package's bit-identical, faster CarRacing-v3 renderer."""
+
 _SUBMODULES = (
     "carracing", "cli", "config", "controller", "data", "dream", "env", "evolution", "mdrnn",
     "parallel", "pretrained", "rollout", "runs", "train", "vae", "viz",
@@ -22,9 +25,9 @@ def register_envs() -> None:
     """
     import gymnasium
 
-    if "worldmodels/CarRacing-v3" not in gymnasium.registry:
+    if FAST_CARRACING_ID not in gymnasium.registry:
         gymnasium.register(
-            id="worldmodels/CarRacing-v3",
+            id=FAST_CARRACING_ID,
             entry_point="worldmodels.carracing:FastCarRacing",
             max_episode_steps=1000,
             reward_threshold=900,

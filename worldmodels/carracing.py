@@ -23,7 +23,6 @@ import inspect
 import math
 from typing import Any
 
-import gymnasium
 import numpy as np
 import pygame
 from gymnasium.envs.box2d.car_dynamics import Car
@@ -42,7 +41,8 @@ from gymnasium.envs.box2d.car_racing import (
 )
 from pygame import gfxdraw, surfarray
 
-ENV_ID = "worldmodels/CarRacing-v3"
+from worldmodels import FAST_CARRACING_ID as ENV_ID
+
 VERIFIED_GYMNASIUM = "1.4.0"
 VERIFIED_PYGAME = "2.5.8"
 

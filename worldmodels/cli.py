@@ -155,12 +155,9 @@ class TrainVAE(Common):
 
 
 def run_train_vae(args: TrainVAE) -> None:
-    from worldmodels.train import TrainingError, stage_summary, train_vae
+    from worldmodels.train import stage_summary, train_vae
 
-    try:
-        train_vae(args.config, args.run_dir, quiet=args.quiet, max_steps=args.max_steps)
-    except (TrainingError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    train_vae(args.config, args.run_dir, quiet=args.quiet, max_steps=args.max_steps)
     print(stage_summary(args.run_dir, "vae"))
 
 
@@ -173,12 +170,9 @@ class Encode(Common):
 
 
 def run_encode(args: Encode) -> None:
-    from worldmodels.train import TrainingError, encode
+    from worldmodels.train import encode
 
-    try:
-        files = encode(args.config, args.run_dir, quiet=args.quiet, batch_size=args.batch_size)
-    except (TrainingError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    files = encode(args.config, args.run_dir, quiet=args.quiet, batch_size=args.batch_size)
     print(f"{len(files)} episodes encoded in {args.run_dir / 'latents'}")
 
 
@@ -191,12 +185,9 @@ class TrainMDRNN(Common):
 
 
 def run_train_mdrnn(args: TrainMDRNN) -> None:
-    from worldmodels.train import TrainingError, stage_summary, train_mdrnn
+    from worldmodels.train import stage_summary, train_mdrnn
 
-    try:
-        train_mdrnn(args.config, args.run_dir, quiet=args.quiet, max_steps=args.max_steps)
-    except (TrainingError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    train_mdrnn(args.config, args.run_dir, quiet=args.quiet, max_steps=args.max_steps)
     print(stage_summary(args.run_dir, "mdrnn"))
 
 
@@ -225,10 +216,7 @@ def run_train_controller(args: TrainController) -> None:
     from worldmodels.evolution import read_history, train_controller
 
     cfg = _controller_config(args, args.scheduler, args.workers)
-    try:
-        train_controller(cfg, args.run_dir, quiet=args.quiet, max_generations=args.max_generations)
-    except FileNotFoundError as e:
-        sys.exit(f"error: {e}")
+    train_controller(cfg, args.run_dir, quiet=args.quiet, max_generations=args.max_generations)
     out = args.run_dir / "controller"
     history = read_history(out / "history.csv")
     validated = [r for r in history if r["val_mean"] is not None]
@@ -252,13 +240,10 @@ class Dream(Common):
 def run_dream(args: Dream) -> None:
     from worldmodels.dream import train_controller_in_dream
 
-    try:
-        res = train_controller_in_dream(
-            args.config, args.run_dir, quiet=args.quiet, max_generations=args.max_generations,
-            evaluate_real=args.real_eval,
-        )
-    except FileNotFoundError as e:
-        sys.exit(f"error: {e}")
+    res = train_controller_in_dream(
+        args.config, args.run_dir, quiet=args.quiet, max_generations=args.max_generations,
+        evaluate_real=args.real_eval,
+    )
     line = f"tau {res.temperature:g}: dream return {res.dream_return:.1f}"
     if res.real is not None:
         line += f", real {res.real['real_mean']:.1f} +- {res.real['real_std']:.1f} over {res.real['real_episodes']} tracks"
@@ -279,7 +264,7 @@ class Pipeline(Common):
 def run_pipeline(args: Pipeline) -> None:
     from worldmodels.data import collect
     from worldmodels.evolution import train_controller
-    from worldmodels.train import TrainingError, encode, train_mdrnn, train_vae
+    from worldmodels.train import encode, train_mdrnn, train_vae
 
     cfg, run, quiet = args.config, args.run_dir, args.quiet
     stages = [
@@ -295,7 +280,7 @@ def run_pipeline(args: Pipeline) -> None:
             print(f"== {name}", flush=True)
         try:
             stage()
-        except (TrainingError, FileNotFoundError) as e:
+        except _user_errors() as e:
             sys.exit(f"error in {name}: {e}")
 
 
@@ -322,6 +307,13 @@ def _scale_from_argv(argv: list[str]) -> str:
     return Common.scale
 
 
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors the user can act on, printed as one message without a traceback."""
+    from worldmodels.train import TrainingError
+
+    return ConfigError, RunDirError, TrainingError, FileNotFoundError
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     scale = _scale_from_argv(argv)
@@ -345,7 +337,9 @@ def main(argv: list[str] | None = None) -> None:
     name = next(n for n, (cls, _) in COMMANDS.items() if type(args) is cls)
     try:
         COMMANDS[name][1](args)
-    except (ConfigError, RunDirError) as e:
+    except Exception as e:
+        if not isinstance(e, _user_errors()):
+            raise
         sys.exit(f"error: {e}")
 
 

@@ -53,6 +53,10 @@ log = logging.getLogger(__name__)
 EPISODE_KEYS = ("obs", "action", "reward", "terminated", "truncated", "final_obs", "seed")
 
 
+_DAMAGED_NPZ = (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError)
+"""What numpy raises reading a truncated, corrupt or incomplete .npz file."""
+
+
 class EpisodeError(RuntimeError):
     """A missing, truncated or inconsistent episode file (the message names the file)."""
 
@@ -162,7 +166,7 @@ def load_episode(path: str | Path) -> Episode:
         raise
     except FileNotFoundError as e:
         raise EpisodeError(f"{path}: no such episode file") from e
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as e:
+    except _DAMAGED_NPZ as e:
         raise EpisodeError(f"{path}: corrupt or truncated episode file ({type(e).__name__}: {e})") from e
     t = len(arrays["action"])
     expected = {
@@ -178,8 +182,7 @@ def load_episode(path: str | Path) -> Episode:
 
 def episode_files(data_dir: str | Path) -> list[Path]:
     """The episode files of a data directory, sorted by index."""
-    files = sorted(Path(data_dir).glob("episode_*.npz"))
-    return files
+    return sorted(Path(data_dir).glob("episode_*.npz"))
 
 
 def split_episodes(files: Sequence[Path], test_fraction: float, seed: int = 0) -> tuple[list[Path], list[Path]]:
@@ -200,7 +203,7 @@ def split_episodes(files: Sequence[Path], test_fraction: float, seed: int = 0) -
 # --- collection --------------------------------------------------------------------------
 
 
-def _collect_group(env_cfg: EnvConfig, data_cfg: DataConfig, data_dir: str, indices: list[int]) -> list[dict]:
+def _collect_group(env_cfg: EnvConfig, data_cfg: DataConfig, data_dir: str, indices: list[int]) -> list[Path]:
     """Run one vector of environments in lockstep, one episode each, and write the episode files.
 
     The policy acts for the whole vector each step (so each episode's actions depend only
@@ -238,20 +241,9 @@ def _collect_group(env_cfg: EnvConfig, data_cfg: DataConfig, data_dir: str, indi
     for j, index in enumerate(indices):
         L = length[j]
         ep = Episode(**{k: v[j, :L] for k, v in buf.items()}, final_obs=obs[j].copy(), seed=seeds[j])
-        save_episode(episode_path(data_dir, index), ep)
-        out.append(_episode_record(index, ep))
+        out.append(episode_path(data_dir, index))
+        save_episode(out[-1], ep)
     return out
-
-
-def _episode_record(index: int, ep: Episode) -> dict:
-    return {
-        "index": index,
-        "file": episode_path("", index).name,
-        "seed": ep.seed,
-        "steps": len(ep),
-        "return": float(ep.reward.sum()),
-        "terminated": bool(ep.terminated[-1]),
-    }
 
 
 def _record_from_file(path: Path) -> dict:
@@ -259,7 +251,7 @@ def _record_from_file(path: Path) -> dict:
     try:
         with np.load(path) as f:
             reward, terminated, seed = f["reward"], f["terminated"], int(f["seed"])
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as e:
+    except _DAMAGED_NPZ as e:
         raise EpisodeError(f"{path}: corrupt or truncated episode file ({type(e).__name__}: {e})") from e
     return {
         "index": int(path.stem.split("_")[1]),
@@ -331,9 +323,10 @@ def write_manifest(cfg: Config, run: RunDir) -> dict:
             if not cfg.data.skip_corrupt:
                 raise
             warnings.warn(f"manifest: skipping corrupt {path}", stacklevel=2)
+    config = cfg.to_dict()
     manifest = {
-        "env": cfg.to_dict()["env"],
-        "data": cfg.to_dict()["data"],
+        "env": config["env"],
+        "data": config["data"],
         "versions": _versions(),
         "episodes": len(records),
         "steps": int(sum(r["steps"] for r in records)),
@@ -457,7 +450,7 @@ def load_latents(path: str | Path) -> dict[str, np.ndarray]:
             out = {k: f[k] for k in LATENT_KEYS}
     except FileNotFoundError as e:
         raise EpisodeError(f"{path}: no such latent file") from e
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as e:
+    except _DAMAGED_NPZ as e:
         raise EpisodeError(f"{path}: corrupt or truncated latent file ({type(e).__name__}: {e})") from e
     if out["mu"].shape != out["logvar"].shape or len(out["mu"]) != len(out["action"]) + 1:
         raise EpisodeError(f"{path}: mu {out['mu'].shape}, logvar {out['logvar'].shape}, action {out['action'].shape} disagree")

@@ -37,6 +37,7 @@ from worldmodels.evolution import Task, evolve
 from worldmodels.mdrnn import MDRNN, sample_next_z
 from worldmodels.parallel import InlineExecutor
 from worldmodels.runs import RunDir, as_run_dir, read_json, write_json
+from worldmodels.train import load_mdrnn
 
 INITIAL_FRAME = 50
 """Dreams start from the latent of this frame of a real episode (after the zoom-in)."""
@@ -190,24 +191,6 @@ def dream_task(worker: DreamWorker, task: Task) -> np.ndarray:
     return returns
 
 
-def _load_mdrnn(run: RunDir, cfg: Config) -> MDRNN:
-    try:
-        from worldmodels.train import load_mdrnn
-    except ImportError:
-        load_mdrnn = None
-    if load_mdrnn is not None:
-        return load_mdrnn(run).cpu().eval()
-    from worldmodels.runs import load_tensors
-
-    state = load_tensors(run.mdrnn / "mdrnn.safetensors")
-    m = MDRNN(
-        cfg.vae.z_size, 3, cfg.mdrnn.hidden_size, cfg.mdrnn.n_gaussians,
-        reward_head="reward_head.weight" in state, done_head="done_head.weight" in state,
-    )
-    m.load_state_dict(state)
-    return m.eval()
-
-
 def dream_prefix(tau: float) -> str:
     """File prefix of a dream run at temperature tau: ``dream_tau1.15_``."""
     return f"dream_tau{tau:g}_"
@@ -264,7 +247,7 @@ def train_controller_in_dream(
     key = f"{tau:g}"
 
     shape = ControllerShape.from_config(cfg)
-    mdrnn = _load_mdrnn(run, cfg)
+    mdrnn = load_mdrnn(run).cpu().eval()
     mu, logvar = initial_latents(run)
     worker = DreamWorker(mdrnn, mu, logvar, shape, tau)
     cma_cfg = dataclasses.replace(cfg.cma, max_steps=cfg.dream.max_steps, early_stop_steps=0)

@@ -20,10 +20,11 @@ import numpy as np
 from gymnasium import spaces
 from PIL import Image
 
+from worldmodels import FAST_CARRACING_ID
 from worldmodels.config import EnvConfig
 
 UPSTREAM_ID = "CarRacing-v3"
-FAST_ID = "worldmodels/CarRacing-v3"
+FAST_ID = FAST_CARRACING_ID  # registered by `import worldmodels`
 INDICATOR_ROWS = 84
 """Rows 0-83 of CarRacing's 96x96 frame show the track; rows 84-95 hold the indicator bar."""
 
@@ -52,16 +53,6 @@ class FrameTransform(gym.ObservationWrapper):
         return transform_frame(observation, self.crop, self.size)
 
 
-def ensure_registered() -> None:
-    """Register ``worldmodels/CarRacing-v3`` when the fast renderer is available."""
-    if FAST_ID not in gym.registry:
-        try:
-            from worldmodels.carracing import register
-        except ImportError:  # the fast renderer is optional; upstream always works
-            return
-        register()
-
-
 def make_env(cfg: EnvConfig | None = None, render_mode: str | None = None, **kwargs) -> gym.Env:
     """CarRacing-v3 with continuous actions and the observation transform of `cfg`.
 
@@ -69,13 +60,8 @@ def make_env(cfg: EnvConfig | None = None, render_mode: str | None = None, **kwa
     (for example ``max_episode_steps``) go to ``gymnasium.make``.
     """
     cfg = cfg or EnvConfig()
-    env_id = UPSTREAM_ID
-    if cfg.fast_render:
-        ensure_registered()
-        if FAST_ID in gym.registry:
-            env_id = FAST_ID
     env = gym.make(
-        env_id,
+        FAST_ID if cfg.fast_render else UPSTREAM_ID,
         render_mode=render_mode,
         continuous=True,
         domain_randomize=False,
@@ -87,6 +73,4 @@ def make_env(cfg: EnvConfig | None = None, render_mode: str | None = None, **kwa
 
 def make_raw_env(fast_render: bool = False, **kwargs) -> gym.Env:
     """CarRacing-v3 without the transform (96x96 frames), upstream or the fast renderer."""
-    if fast_render:
-        ensure_registered()
     return gym.make(FAST_ID if fast_render else UPSTREAM_ID, continuous=True, **kwargs)

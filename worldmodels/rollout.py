@@ -38,7 +38,8 @@ from worldmodels.config import Config, EnvConfig
 from worldmodels.controller import ACTION_SIZE, BatchedController, ControllerShape
 from worldmodels.env import make_env
 from worldmodels.mdrnn import MDRNN, sample_next_z
-from worldmodels.runs import RunDir, as_run_dir, load_tensors
+from worldmodels.runs import RunDir, as_run_dir
+from worldmodels.train import load_mdrnn, load_vae
 from worldmodels.vae import VAE
 
 STEP_PENALTY = 0.1
@@ -102,6 +103,11 @@ class Agent:
                 done_head="done_head.weight" in mdrnn_state,
             )
             mdrnn.load_state_dict(mdrnn_state)
+        return cls.from_models(vae, mdrnn, cfg)
+
+    @classmethod
+    def from_models(cls, vae: VAE, mdrnn: MDRNN | None, cfg: Config) -> Agent:
+        """An agent of V, M and the config's controller kind and sizes."""
         return cls(vae, mdrnn, cfg.controller.kind, cfg.vae.z_size, cfg.mdrnn.hidden_size, cfg.controller.hidden_units)
 
     @classmethod
@@ -114,8 +120,7 @@ class Agent:
         cfg = cfg or run.load_config()
         if cfg is None:
             raise FileNotFoundError(f"{run.config_path}: no config recorded in this run directory")
-        vae, mdrnn = _load_models(run, cfg)
-        return cls.from_weights(vae.state_dict(), mdrnn.state_dict() if mdrnn is not None else None, cfg)
+        return cls.from_models(*_load_models(run, cfg), cfg)
 
     def init_args(self) -> tuple[dict[str, Tensor], dict[str, Tensor] | None, Config]:
         """``(vae_state, mdrnn_state, cfg)`` for :func:`build_agent` in worker processes."""
@@ -130,30 +135,8 @@ class Agent:
 
 
 def _load_models(run: RunDir, cfg: Config) -> tuple[VAE, MDRNN | None]:
-    """V and M of a run: through worldmodels.train when it offers loaders, else from the files."""
-    try:
-        from worldmodels.train import load_mdrnn, load_vae
-    except ImportError:
-        load_vae = load_mdrnn = None
-    if load_vae is not None:
-        vae = load_vae(run)
-        mdrnn = load_mdrnn(run) if cfg.controller.kind == "zh" else None
-        return vae, mdrnn
-    vae = VAE(cfg.vae.z_size)
-    vae.load_state_dict(load_tensors(run.path / "vae" / "vae.safetensors"))
-    mdrnn = None
-    if cfg.controller.kind == "zh":
-        state = load_tensors(run.path / "mdrnn" / "mdrnn.safetensors")
-        mdrnn = MDRNN(
-            cfg.vae.z_size,
-            ACTION_SIZE,
-            cfg.mdrnn.hidden_size,
-            cfg.mdrnn.n_gaussians,
-            reward_head="reward_head.weight" in state,
-            done_head="done_head.weight" in state,
-        )
-        mdrnn.load_state_dict(state)
-    return vae, mdrnn
+    """V, and M when the controller reads h, of a run (safetensors, no pickle)."""
+    return load_vae(run), load_mdrnn(run) if cfg.controller.kind == "zh" else None
 
 
 class _Encoder:

@@ -55,12 +55,11 @@ from tqdm.auto import tqdm
 
 from worldmodels.config import Config
 from worldmodels.data import (
-    load_or_skip,
     FrameDataset,
     SequenceDataset,
     episode_path,
     latent_path,
-    load_episode,
+    load_or_skip,
     save_latents,
     split_episodes,
 )
