@@ -48,3 +48,8 @@ def test_bad_values_fail_with_the_field_named(tmp_path):
     run_cli("collect", "--scale", "tiny", "--run-dir", str(tmp_path), "--data.episodes", "1", "--quiet")
     out = run_cli("collect", "--scale", "tiny", "--run-dir", str(tmp_path), "--data.episodes", "2", check=False)
     assert out.returncode != 0 and "refusing to mix" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_ablations_names_a_bad_ablation(tmp_path):
+    out = run_cli("ablations", "--scale", "tiny", "--run-dir", str(tmp_path), "--name", "w", check=False)
+    assert out.returncode != 0 and "'w'" in out.stderr and "untrained_m" in out.stderr and "Traceback" not in out.stderr

@@ -204,3 +204,31 @@ def test_train_controller_tiny_end_to_end(tmp_path):
 
 def _boom():
     raise AssertionError("a finished run must not build workers")
+
+
+def test_a_finished_run_continues_when_generations_grow(tmp_path):
+    from worldmodels.evolution import is_finished, train_controller
+    from worldmodels.runs import RunDirError
+
+    cfg, run = _tiny_run(tmp_path)
+    train_controller(cfg, run, quiet=True)
+    assert is_finished(run.controller, cfg.cma)
+    longer = cfg.replace(**{"cma.generations": 3})
+    assert not is_finished(run.controller, longer.cma)
+    train_controller(longer, run, quiet=True)
+    hist = read_history(run.controller / "history.csv")
+    assert [int(r["generation"]) for r in hist] == [0, 1, 2]
+    assert run.load_config().cma.generations == 3  # the run records what it now is
+    assert is_finished(run.controller, longer.cma)
+    # The same 3 generations in one go give the same search state (sigma, mean).
+    _, fresh = _tiny_run(tmp_path / "fresh")
+    train_controller(longer, fresh, quiet=True)
+    a = load_checkpoint(run.controller / "es.pkl")
+    b = load_checkpoint(fresh.controller / "es.pkl")
+    assert a.es.sigma == b.es.sigma
+    np.testing.assert_array_equal(a.mean, b.mean)
+    # Fewer generations than recorded, or any other change, is refused.
+    with pytest.raises(RunDirError, match="cma.generations"):
+        train_controller(cfg, run, quiet=True)
+    with pytest.raises(RunDirError, match="cma.population"):
+        train_controller(longer.replace(**{"cma.population": 6}), run, quiet=True)

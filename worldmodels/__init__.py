@@ -12,7 +12,7 @@ FAST_CARRACING_ID = "worldmodels/CarRacing-v3"
 """Gymnasium id of the package's bit-identical, faster CarRacing-v3 renderer."""
 
 _SUBMODULES = (
-    "carracing", "cli", "config", "controller", "data", "dream", "env", "evolution", "mdrnn",
+    "ablations", "carracing", "cli", "config", "controller", "data", "dream", "env", "evolution", "mdrnn",
     "parallel", "pretrained", "rollout", "runs", "train", "vae", "viz",
 )
 

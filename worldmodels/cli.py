@@ -53,20 +53,6 @@ def _run_config(args: Common) -> Config:
     return run.load_config() or run.bind(args.config)
 
 
-def _load_agent_and_controller(run_dir: Path, cfg: Config, controller: Path | None):
-    from worldmodels.controller import ControllerShape, load_controller
-    from worldmodels.rollout import Agent
-
-    path = controller or run_dir / "controller" / "best.safetensors"
-    if not path.exists():
-        raise RunDirError(f"{path}: no controller to evaluate (train one first, or pass --controller)")
-    saved = load_controller(path)
-    expected = ControllerShape.from_config(cfg)
-    if saved.shape != expected:
-        raise RunDirError(f"{path} holds a controller {saved.shape}, but the run's config needs {expected}")
-    return Agent.from_run(run_dir, cfg), saved.params, path
-
-
 @dataclasses.dataclass
 class Evaluate(Common):
     """Evaluate the run's best controller on full episodes over unseen tracks; writes RUN_DIR/eval/results.json."""
@@ -91,33 +77,22 @@ class Evaluate(Common):
 def run_evaluate(args: Evaluate) -> None:
     import json
 
-    from worldmodels.rollout import evaluate
-    from worldmodels.runs import RunDir, write_json
+    from worldmodels.rollout import evaluate_run
 
     if args.pretrained:
         from worldmodels import pretrained
 
         pretrained.install(args.pretrained, args.run_dir)
     cfg = _run_config(args)
-    agent, params, path = _load_agent_and_controller(args.run_dir, cfg, args.controller)
-    episodes = args.episodes if args.episodes is not None else cfg.eval.episodes
-    seed = args.seed if args.seed is not None else cfg.eval.seed
-    workers = args.workers if args.workers is not None else cfg.cma.workers
-    result = evaluate(
-        agent,
-        params,
-        range(seed, seed + episodes),
-        cfg.env,
-        envs_per_batch=cfg.cma.envs_per_worker,
-        max_steps=args.max_steps,
-        workers=workers,
+    results = evaluate_run(
+        args.run_dir, cfg, episodes=args.episodes, seed=args.seed, workers=args.workers,
+        controller=args.controller, max_steps=args.max_steps,
     )
-    summary = result.to_dict()
-    write_json(RunDir(args.run_dir).eval / "results.json", {**summary, "controller": str(path), "max_steps": args.max_steps})
     if args.json:
-        print(json.dumps(summary))
+        print(json.dumps({k: results[k] for k in ("returns", "seeds", "episodes", "mean", "std", "min", "max")}))
     else:
-        print(f"{episodes} episodes: {result.mean:.1f} +- {result.std:.1f} (min {result.min:.1f}, max {result.max:.1f})")
+        print(f"{results['episodes']} episodes: {results['mean']:.1f} +- {results['std']:.1f} "
+              f"(min {results['min']:.1f}, max {results['max']:.1f})")
 
 
 @dataclasses.dataclass
@@ -139,8 +114,10 @@ class Record(Common):
 def run_record(args: Record) -> None:
     from worldmodels.rollout import record
 
+    from worldmodels.rollout import load_agent_and_controller
+
     cfg = _run_config(args)
-    agent, params, _ = _load_agent_and_controller(args.run_dir, cfg, args.controller)
+    agent, params, _ = load_agent_and_controller(args.run_dir, cfg, args.controller)
     seed = args.seed if args.seed is not None else cfg.eval.seed
     result = record(agent, params, seed, args.out, cfg.env, args.max_steps, tau=args.tau)
     print(f"{args.out}: {int(result.steps[0])} steps, return {result.returns[0]:.1f}")
@@ -251,6 +228,34 @@ def run_dream(args: Dream) -> None:
 
 
 @dataclasses.dataclass
+class Ablations(Common):
+    """The paper's ablations of the run in RUN_DIR at its CMA-ES budget (V only, V only with a
+    hidden layer, an untrained M), each in RUN_DIR/ablations/NAME, evaluated like the run; prints the table."""
+
+    name: str = "all"
+    """Which ablation: 'z', 'z_hidden', 'untrained_m', or 'all' (one after another)."""
+    workers: int | None = None
+    """Local worker processes (default: cma.workers; 0: one per core)."""
+    max_generations: int | None = None
+    """Stop each controller after this many generations in total (with a checkpoint); run again to resume."""
+
+
+def run_ablations(args: Ablations) -> None:
+    from worldmodels.ablations import ABLATIONS, format_table, run_ablation, table
+
+    names = list(ABLATIONS) if args.name == "all" else [args.name]
+    unknown = [n for n in names if n not in ABLATIONS]
+    if unknown:
+        raise ConfigError(f"--name {unknown[0]!r} is not an ablation: choose one of {', '.join(ABLATIONS)} or 'all'")
+    cfg = _controller_config(args, None, args.workers)
+    for name in names:
+        if not args.quiet:
+            print(f"== ablation {name}", flush=True)
+        run_ablation(cfg, args.run_dir, name, quiet=args.quiet, max_generations=args.max_generations)
+    print(format_table(table(args.run_dir)))
+
+
+@dataclasses.dataclass
 class Pipeline(Common):
     """Run every stage in order: collect, train-vae, encode, train-mdrnn, train-controller, evaluate.
 
@@ -293,6 +298,7 @@ COMMANDS: dict[str, tuple[type[Common], Callable]] = {
     "dream": (Dream, run_dream),
     "evaluate": (Evaluate, run_evaluate),
     "record": (Record, run_record),
+    "ablations": (Ablations, run_ablations),
     "pipeline": (Pipeline, run_pipeline),
 }
 """Command name -> (its options dataclass, the function that runs it)."""

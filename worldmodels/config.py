@@ -36,9 +36,15 @@ class ConfigError(ValueError):
     """An invalid configuration value; the message names the field and the allowed range."""
 
 
-def _bounded(default: Any, lo: float | None = None, hi: float | None = None, *, runtime: bool = False) -> Any:
-    """A dataclass field with an allowed closed range [lo, hi] (None: unbounded)."""
-    return field(default=default, metadata={"range": (lo, hi), "runtime": runtime})
+def _bounded(
+    default: Any, lo: float | None = None, hi: float | None = None, *, runtime: bool = False, extendable: bool = False
+) -> Any:
+    """A dataclass field with an allowed closed range [lo, hi] (None: unbounded).
+
+    `runtime`: the field changes how fast a stage runs, never what it computes.
+    `extendable`: a run directory may be continued with a larger value (train for longer).
+    """
+    return field(default=default, metadata={"range": (lo, hi), "runtime": runtime, "extendable": extendable})
 
 
 def _runtime(default: Any) -> Any:
@@ -164,6 +170,9 @@ class MDRNNConfig(_Section):
     """Adam's learning rate."""
     grad_clip: float = _bounded(1.0, 0.0)
     """Gradient norm clipping (0: off)."""
+    untrained: bool = False
+    """Keep M at its random initialisation (seeded by train_seed) instead of training it: the
+    ablation in which only M's untrained recurrent features reach the controller."""
 
     _section = "mdrnn"
 
@@ -191,8 +200,8 @@ class CMAConfig(_Section):
     """Episodes averaged into each candidate's fitness."""
     sigma0: float = _bounded(0.1, 1e-8, 100.0)
     """Initial step size of CMA-ES (x0 is zero)."""
-    generations: int = _bounded(2000, 1)
-    """Generations to run."""
+    generations: int = _bounded(2000, 1, extendable=True)
+    """Generations to run (a finished run continues when this grows)."""
     weight_decay: float = _bounded(0.01, 0.0)
     """Fitness penalty weight_decay * mean(theta^2), as in the authors' code."""
     eval_every: int = _bounded(25, 1)
@@ -334,13 +343,24 @@ class Config(_Section):
                 data[key] = value
         return Config.from_dict(data)
 
-    def differences(self, other: Config, include_runtime: bool = False) -> list[str]:
-        """Dotted names of the fields whose values differ (runtime-only fields skipped by default)."""
+    def differences(self, other: Config, include_runtime: bool = False, allow_extensions: bool = False) -> list[str]:
+        """The fields whose values differ, as ``"name: self != other"``.
+
+        Runtime-only fields are skipped unless `include_runtime`; with `allow_extensions`,
+        so are extendable fields whose value grows in `other` (see :meth:`extensions`).
+        """
         out = []
-        for name, a, b, runtime in _leaves(self, other, ""):
-            if a != b and (include_runtime or not runtime):
-                out.append(f"{name}: {a!r} != {b!r}")
+        for name, a, b, meta in _leaves(self, other, ""):
+            if a == b or (meta.get("runtime") and not include_runtime):
+                continue
+            if allow_extensions and meta.get("extendable") and b > a:
+                continue
+            out.append(f"{name}: {a!r} != {b!r}")
         return out
+
+    def extensions(self, other: Config) -> dict[str, Any]:
+        """Extendable fields (``cma.generations``) whose value is larger in `other`: dotted name -> new value."""
+        return {name: b for name, a, b, meta in _leaves(self, other, "") if meta.get("extendable") and b > a}
 
 
 def _require_key(data: dict, key: str, section: str) -> None:
@@ -378,7 +398,7 @@ def _leaves(a: Any, b: Any, prefix: str):
         if dataclasses.is_dataclass(va):
             yield from _leaves(va, vb, name)
         else:
-            yield name, va, vb, f.metadata.get("runtime", False)
+            yield name, va, vb, f.metadata
 
 
 _SECTIONS = {

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import pickle
 import time
@@ -280,7 +281,8 @@ def evolve(
     Called again with a `checkpoint_dir` that holds a checkpoint, it continues after the
     last finished generation with the same mean, covariance and step size, and draws
     the same candidates the uninterrupted run would have; once all
-    ``cma_cfg.generations`` are done it only loads and returns. `max_generations` stops
+    ``cma_cfg.generations`` are done it only loads and returns (with a larger
+    ``generations`` than before, a finished run goes on). `max_generations` stops
     earlier (the run can be continued later).
     """
     _check_seed_ranges(cma_cfg)
@@ -352,13 +354,26 @@ def evolve(
         bar.close()
 
     finished = state.generation >= cma_cfg.generations
-    if finished and ckpt_dir is not None and not (ckpt_dir / f"{prefix}done.json").exists():
+    if finished and ckpt_dir is not None and _finished_generations(ckpt_dir / f"{prefix}done.json") != state.generation:
         write_json(
             ckpt_dir / f"{prefix}done.json",
             {"generations": state.generation, "best_score": state.best_score, "best_generation": state.best_generation},
         )
     best = state.best_params if state.best_params is not None else state.mean
     return EvolutionResult(best, state.best_score, state.mean, state.generation, state.history, state.es, finished)
+
+
+def _finished_generations(done_path: Path) -> int | None:
+    """Generations recorded in a ``done.json``, None when there is none."""
+    if not done_path.exists():
+        return None
+    return int(json.loads(done_path.read_text())["generations"])
+
+
+def is_finished(folder: Path, cma_cfg: CMAConfig, prefix: str = "") -> bool:
+    """True when ``folder`` holds a finished run of at least ``cma_cfg.generations`` generations."""
+    done = _finished_generations(Path(folder) / f"{prefix}done.json")
+    return done is not None and done >= cma_cfg.generations and (Path(folder) / f"{prefix}best.safetensors").exists()
 
 
 # --------------------------------------------------------------------------------------
@@ -444,7 +459,7 @@ def train_controller(
     run = as_run_dir(run)
     cfg = run.bind(cfg)
     out = run.controller
-    if (out / "done.json").exists() and (out / "best.safetensors").exists():
+    if is_finished(out, cfg.cma):
         return load_controller(out / "best.safetensors").params
 
     shape = ControllerShape.from_config(cfg)

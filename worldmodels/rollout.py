@@ -503,6 +503,68 @@ def evaluate(
     return EvalResult(returns, seeds)
 
 
+def load_agent_and_controller(
+    run: str | Path | RunDir, cfg: Config | None = None, controller: str | Path | None = None
+) -> tuple[Agent, np.ndarray, Path]:
+    """A run's agent, the flat parameters of its controller (default: ``controller/best.safetensors``)
+    and that file's path; a missing file or a controller of the wrong shape raises an error naming it."""
+    from worldmodels.controller import load_controller
+    from worldmodels.runs import RunDirError
+
+    run = as_run_dir(run)
+    cfg = cfg or run.load_config()
+    path = Path(controller) if controller is not None else run.path / "controller" / "best.safetensors"
+    if not path.exists():
+        raise RunDirError(f"{path}: no controller to evaluate (train one first, or pass --controller)")
+    saved = load_controller(path)
+    expected = ControllerShape.from_config(cfg)
+    if saved.shape != expected:
+        raise RunDirError(f"{path} holds a controller {saved.shape}, but the run's config needs {expected}")
+    return Agent.from_run(run, cfg), saved.params, path
+
+
+def evaluate_run(
+    run: str | Path | RunDir,
+    cfg: Config | None = None,
+    *,
+    episodes: int | None = None,
+    seed: int | None = None,
+    workers: int | None = None,
+    controller: str | Path | None = None,
+    max_steps: int = 1000,
+) -> dict[str, Any]:
+    """The paper's protocol on a run: its best controller drives full episodes on unseen tracks.
+
+    Tracks ``seed, seed + 1, ...`` (default ``cfg.eval.seed`` and ``cfg.eval.episodes``),
+    in ``workers`` processes (default ``cfg.cma.workers``; 0: one per core). Writes and
+    returns ``run/eval/results.json``: returns, seeds, episodes, mean, std, min, max,
+    the controller's path, max_steps and the seconds it took.
+    """
+    import time
+
+    from worldmodels.runs import write_json
+
+    run = as_run_dir(run)
+    cfg = cfg or run.load_config()
+    agent, params, path = load_agent_and_controller(run, cfg, controller)
+    episodes = cfg.eval.episodes if episodes is None else episodes
+    seed = cfg.eval.seed if seed is None else seed
+    start = time.perf_counter()
+    result = evaluate(
+        agent,
+        params,
+        range(seed, seed + episodes),
+        cfg.env,
+        envs_per_batch=cfg.cma.envs_per_worker,
+        max_steps=max_steps,
+        workers=cfg.cma.workers if workers is None else workers,
+    )
+    seconds = round(time.perf_counter() - start, 3)
+    out = {**result.to_dict(), "controller": str(path), "max_steps": max_steps, "seconds": seconds}
+    write_json(run.eval / "results.json", out)
+    return out
+
+
 # --- videos -----------------------------------------------------------------------------
 
 

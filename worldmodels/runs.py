@@ -123,16 +123,19 @@ class RunDir:
     def bind(self, cfg: Config) -> Config:
         """Record `cfg` in a new run directory, or check it against the recorded one.
 
-        Fields that only change speed (workers, device, ...) may differ; any other
-        difference raises :class:`RunDirError` listing the fields, so that results of
-        two configs are never mixed in one directory.
+        Fields that only change speed (workers, device, ...) may differ. An extendable
+        field (``cma.generations``) may grow: the run continues for longer and the new
+        value is recorded. Any other difference raises :class:`RunDirError` listing the
+        fields, so that results of two configs are never mixed in one directory.
         """
         self.path.mkdir(parents=True, exist_ok=True)
         recorded = self.load_config()
         if recorded is None:
             write_json(self.config_path, cfg.to_dict())
             return cfg
-        diff = recorded.differences(cfg)
+        diff = recorded.differences(cfg, allow_extensions=True)
+        if not diff and recorded.extensions(cfg):
+            write_json(self.config_path, recorded.replace(**recorded.extensions(cfg)).to_dict())
         if diff:
             raise RunDirError(
                 f"{self.config_path} was written by another config; refusing to mix results. "

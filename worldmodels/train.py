@@ -768,6 +768,8 @@ def train_mdrnn(
     folder, device = run.mdrnn, resolve_device(cfg.device)
     if (folder / "done.json").exists():
         return load_mdrnn(run, device)
+    if cfg.mdrnn.untrained:
+        return _untrained_mdrnn(cfg, run, device)
 
     latent_files = encode(cfg, run, quiet=quiet)
     train_files, test_files = split_episodes(latent_files, cfg.data.test_fraction, cfg.train_seed)
@@ -813,6 +815,19 @@ def train_mdrnn(
         stage.close()
 
 
+def _untrained_mdrnn(cfg: Config, run: RunDir, device: torch.device) -> MDRNN:
+    """M at its random initialisation (seeded by ``cfg.train_seed``), saved as the stage's result."""
+    _seed_everything(cfg.train_seed)
+    model = _new_mdrnn(cfg)
+    folder = run.mdrnn
+    save_tensors(folder / "mdrnn.safetensors", model.state_dict(), metadata={"step": "0", "stage": "mdrnn"})
+    write_json(folder / "done.json", {
+        "stage": "mdrnn", "steps": 0, "epochs": 0, "best_step": 0, "best_test": {}, "seconds": 0.0,
+        "device": "cpu", "weights": "mdrnn.safetensors", "untrained": True,
+    })
+    return load_mdrnn(run, device)
+
+
 def stage_summary(run: str | Path | RunDir, stage: str) -> str:
     """One line on a training stage ('vae' or 'mdrnn'): finished with its best test loss, or where it stopped."""
     run = as_run_dir(run)
@@ -823,6 +838,8 @@ def stage_summary(run: str | Path | RunDir, stage: str) -> str:
         test = done.get("best_test") or {}
         order = VAE_PARTS if stage == "vae" else MDRNN_PARTS
         parts = ", ".join(f"{k} {test[k]:.4g}" for k in order[1:] if k in test)
+        if done.get("untrained"):
+            return f"{label}: untrained (random initialisation, cfg.train_seed) -> {folder / done['weights']}"
         loss = f"best test loss {test['loss']:.4g} ({parts})" if test else "no test split"
         return (f"{label}: trained {done['steps']} steps in {done['epochs']} epochs, {loss} at step "
                 f"{done['best_step']}, {done['seconds']:.0f} s -> {folder / done['weights']}")

@@ -1,0 +1,95 @@
+"""The ablations: configs, shared and untrained models, training and evaluation at tiny, the table."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from worldmodels.ablations import ABLATIONS, MAIN, ablation_config, ablation_dir, format_table, run_ablation, table
+from worldmodels.config import preset
+from worldmodels.mdrnn import MDRNN
+from worldmodels.runs import RunDir, save_tensors, write_json
+from worldmodels.train import load_mdrnn, load_vae, stage_summary, train_mdrnn
+from worldmodels.vae import VAE
+
+CFG = preset(
+    "tiny",
+    **{
+        "cma.population": 4, "cma.generations": 1, "cma.max_steps": 15, "cma.eval_episodes": 1,
+        "cma.workers": 1, "cma.envs_per_worker": 4, "eval.episodes": 2,
+    },
+)
+
+
+@pytest.fixture()
+def main_run(tmp_path):
+    """A main run whose V and M are finished (random weights stand in for trained ones)."""
+    torch.manual_seed(0)
+    run = RunDir(tmp_path / "run")
+    run.bind(CFG)
+    save_tensors(run.vae / "vae.safetensors", VAE(CFG.vae.z_size).state_dict())
+    write_json(run.vae / "done.json", {"stage": "vae", "weights": "vae.safetensors"})
+    m = CFG.mdrnn
+    mdrnn = MDRNN(CFG.vae.z_size, 3, m.hidden_size, m.n_gaussians, reward_head=True, done_head=True)
+    save_tensors(run.mdrnn / "mdrnn.safetensors", mdrnn.state_dict())
+    write_json(run.mdrnn / "done.json", {"stage": "mdrnn", "weights": "mdrnn.safetensors"})
+    return run
+
+
+def test_each_ablation_changes_one_thing():
+    assert ablation_config(CFG, "z").controller.kind == "z"
+    assert ablation_config(CFG, "z_hidden").controller.kind == "z_hidden"
+    untrained = ablation_config(CFG, "untrained_m")
+    assert untrained.mdrnn.untrained and untrained.controller.kind == "zh"
+    for name in ABLATIONS:
+        assert len(CFG.differences(ablation_config(CFG, name))) == 1, name
+    with pytest.raises(ValueError, match="unknown ablation 'w'.*z, z_hidden, untrained_m"):
+        ablation_config(CFG, "w")
+
+
+def test_untrained_m_is_the_seeded_initialisation(tmp_path):
+    cfg = CFG.replace(**{"mdrnn.untrained": True})
+    run = RunDir(tmp_path / "r")
+    model = train_mdrnn(cfg, run, quiet=True)  # no data, no latents: nothing to train on
+    torch.manual_seed(cfg.train_seed)
+    m = cfg.mdrnn
+    fresh = MDRNN(cfg.vae.z_size, 3, m.hidden_size, m.n_gaussians, reward_head=True, done_head=True)
+    for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert json.loads((run.mdrnn / "done.json").read_text())["untrained"] is True
+    assert "untrained" in stage_summary(run, "mdrnn")
+    other = train_mdrnn(cfg.replace(train_seed=1), RunDir(tmp_path / "s"), quiet=True)
+    assert not torch.equal(other.lstm.weight_hh_l0, model.lstm.weight_hh_l0)
+
+
+@pytest.mark.parametrize("name", ["z", "untrained_m"])
+def test_ablation_trains_and_evaluates_at_tiny(main_run, name):
+    results = run_ablation(CFG, main_run, name, quiet=True)
+    sub = ablation_dir(main_run, name)
+    assert results["episodes"] == CFG.eval.episodes and np.isfinite(results["mean"])
+    assert results["seeds"] == [CFG.eval.seed + i for i in range(CFG.eval.episodes)]
+    assert json.loads((sub.path / "eval" / "results.json").read_text())["mean"] == results["mean"]
+    # V is the main run's; M is the main run's nowhere: absent for 'z', untrained for 'untrained_m'.
+    assert torch.equal(load_vae(sub).fc_mu.weight, load_vae(main_run).fc_mu.weight)
+    if name == "untrained_m":
+        assert not torch.equal(load_mdrnn(sub).lstm.weight_hh_l0, load_mdrnn(main_run).lstm.weight_hh_l0)
+    else:
+        assert not (sub.path / "mdrnn" / "mdrnn.safetensors").exists()
+    # Run again: finished, so it loads the results without training or evaluating.
+    before = (sub.path / "eval" / "results.json").stat().st_mtime_ns
+    assert run_ablation(CFG, main_run, name, quiet=True) == results
+    assert (sub.path / "eval" / "results.json").stat().st_mtime_ns == before
+
+    rows = table(main_run)
+    assert [r["name"] for r in rows] == [MAIN, name]
+    assert rows[1]["mean"] == results["mean"] and rows[1]["generations"] == CFG.cma.generations
+    assert "not evaluated" in format_table(rows)  # the main run has no evaluation here
+
+
+def test_ablation_needs_the_main_runs_v(tmp_path):
+    run = RunDir(tmp_path / "run")
+    with pytest.raises(FileNotFoundError, match="vae.*not finished"):
+        run_ablation(CFG, run, "z", quiet=True)

@@ -1,0 +1,179 @@
+"""The paper's ablations at the budget of the main run: which parts of the World Model matter.
+
+Each ablation is a run directory of its own, ``RUN/ablations/NAME``, whose config is the
+main run's with one change. It shares V (and, where it reads a trained M, M) with the
+main run, so the only difference is the controller's input or M's training; it evolves
+its controller with the main run's CMA-ES budget (population, episodes per candidate,
+generations) and is evaluated on the same unseen tracks with the paper's protocol.
+
+=================  ================================================  =====================
+name               what the controller sees                          paper (100 tracks)
+=================  ================================================  =====================
+``z``              V only: a = W z + b                               632 ± 251
+``z_hidden``       V only, 40 tanh hidden units                      788 ± 141
+(the main run)     V and M: a = W [z, h] + b                         906 ± 21
+``untrained_m``    V and an *untrained* M's h (random LSTM weights)  CT: 870 ± 120
+=================  ================================================  =====================
+
+>>> import worldmodels as wm
+>>> wm.ablations.run_ablation(cfg, "runs/book", "z")       # doctest: +SKIP
+>>> wm.ablations.table("runs/book")                         # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from worldmodels.config import Config
+from worldmodels.runs import RunDir, as_run_dir, atomic_path, read_json
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """One row of the ablation table."""
+
+    label: str
+    overrides: dict[str, Any]
+    """Changes to the main run's config (dotted names)."""
+    paper: str
+    """The score reported for this setting (the paper, or Tallec et al. for an untrained M)."""
+
+
+MAIN = "full"
+"""The name of the main run's row in :func:`table`."""
+
+ABLATIONS: dict[str, Ablation] = {
+    "z": Ablation("V only, a = W z + b", {"controller.kind": "z"}, "632 ± 251"),
+    "z_hidden": Ablation("V only, 40 tanh hidden units", {"controller.kind": "z_hidden"}, "788 ± 141"),
+    "untrained_m": Ablation("V and an untrained M, a = W [z, h] + b", {"mdrnn.untrained": True}, "870 ± 120 (Tallec et al.)"),
+}
+MAIN_ROW = Ablation("World Model, a = W [z, h] + b", {}, "906 ± 21")
+
+_SHARED_FILES = {
+    "vae": ("vae.safetensors", "done.json", "metrics.csv"),
+    "mdrnn": ("mdrnn.safetensors", "done.json", "metrics.csv"),
+}
+
+
+def ablation_dir(run: str | Path | RunDir, name: str) -> RunDir:
+    """``RUN/ablations/NAME``; an unknown name raises ValueError listing the known ones."""
+    if name not in ABLATIONS:
+        raise ValueError(f"unknown ablation {name!r}: choose one of {', '.join(ABLATIONS)}")
+    return RunDir(as_run_dir(run).path / "ablations" / name)
+
+
+def ablation_config(cfg: Config, name: str) -> Config:
+    """The main run's config `cfg` with ablation `name`'s change."""
+    if name not in ABLATIONS:
+        raise ValueError(f"unknown ablation {name!r}: choose one of {', '.join(ABLATIONS)}")
+    return cfg.replace(**ABLATIONS[name].overrides)
+
+
+def _share(main: RunDir, sub: RunDir, stage: str) -> None:
+    """Copy the main run's finished stage (weights, done.json, metrics) into the ablation's run."""
+    src = main.path / stage
+    if not (src / "done.json").exists():
+        raise FileNotFoundError(
+            f"{src / 'done.json'}: the main run's {stage} stage is not finished; train it first "
+            f"(python -m worldmodels train-{'vae' if stage == 'vae' else 'mdrnn'} --run-dir {main.path})"
+        )
+    dst = sub.stage(stage)
+    for name in _SHARED_FILES[stage]:
+        if (src / name).exists() and not (dst / name).exists():
+            with atomic_path(dst / name) as tmp:
+                shutil.copyfile(src / name, tmp)
+
+
+def run_ablation(
+    cfg: Config,
+    run: str | Path | RunDir,
+    name: str,
+    *,
+    quiet: bool = False,
+    max_generations: int | None = None,
+    evaluate: bool = True,
+) -> dict[str, Any] | None:
+    """Train and evaluate ablation `name` of the main run `run` (config `cfg`); resumes like every stage.
+
+    V (and M where the ablation reads a trained one) are copied from the main run, which
+    must have finished them; an untrained M is built from ``cfg.train_seed``. The
+    controller is evolved with ``cfg.cma`` in ``RUN/ablations/NAME/controller`` and, once
+    finished, evaluated on ``cfg.eval``'s tracks into ``RUN/ablations/NAME/eval/results.json``.
+    Returns those results, or None while the controller is unfinished.
+    """
+    from worldmodels.evolution import is_finished, train_controller
+    from worldmodels.rollout import evaluate_run
+    from worldmodels.train import train_mdrnn
+
+    main = as_run_dir(run)
+    main_cfg = main.bind(cfg)
+    sub_cfg = ablation_config(main_cfg, name)
+    sub = ablation_dir(main, name)
+    sub_cfg = sub.bind(sub_cfg)
+    _share(main, sub, "vae")
+    if sub_cfg.controller.kind == "zh":
+        if sub_cfg.mdrnn.untrained:
+            train_mdrnn(sub_cfg, sub, quiet=quiet)
+        else:
+            _share(main, sub, "mdrnn")
+    train_controller(sub_cfg, sub, quiet=quiet, max_generations=max_generations)
+    if not is_finished(sub.controller, sub_cfg.cma):
+        return None
+    results_path = sub.path / "eval" / "results.json"
+    if results_path.exists():
+        return read_json(results_path)
+    if not evaluate:
+        return None
+    return evaluate_run(sub, sub_cfg)
+
+
+def _row(name: str, ablation: Ablation, run: RunDir) -> dict[str, Any]:
+    from worldmodels.evolution import read_history
+
+    row: dict[str, Any] = {"name": name, "label": ablation.label, "paper": ablation.paper}
+    history_path = run.path / "controller" / "history.csv"
+    if history_path.exists():
+        history = read_history(history_path)
+        row["generations"] = len(history)
+        row["controller_seconds"] = sum(h["seconds"] or 0.0 for h in history)
+    cfg = run.load_config()
+    if cfg is not None:
+        row["kind"] = cfg.controller.kind
+        row["episodes_per_generation"] = cfg.cma.population * cfg.cma.episodes_per_candidate
+    results_path = run.path / "eval" / "results.json"
+    if results_path.exists():
+        results = read_json(results_path)
+        row.update({k: results[k] for k in ("episodes", "mean", "std", "min", "max")})
+        row["eval_seconds"] = results.get("seconds")
+    return row
+
+
+def table(run: str | Path | RunDir) -> list[dict[str, Any]]:
+    """The ablation table of a main run: one dict per row (the main run first, then each ablation
+    that has a run directory), with the paper's score, the evaluation (episodes, mean, std, min,
+    max) and the controller's compute (generations, episodes per generation, seconds)."""
+    main = as_run_dir(run)
+    rows = [_row(MAIN, MAIN_ROW, main)]
+    for name, ablation in ABLATIONS.items():
+        sub = main.path / "ablations" / name
+        if (sub / "config.json").exists():
+            rows.append(_row(name, ablation, RunDir(sub)))
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """The rows of :func:`table` as a fixed-width text table."""
+    lines = [f"{'setting':40s} {'paper':>26s} {'this run':>18s} {'min':>5s} {'max':>5s} {'generations':>11s} {'C hours':>8s}"]
+    for r in rows:
+        score = f"{r['mean']:.0f} ± {r['std']:.0f}" if "mean" in r else "not evaluated"
+        low = f"{r['min']:.0f}" if "min" in r else ""
+        high = f"{r['max']:.0f}" if "max" in r else ""
+        seconds = (r.get("controller_seconds") or 0.0) + (r.get("eval_seconds") or 0.0)
+        lines.append(
+            f"{r['label']:40s} {r['paper']:>26s} {score:>18s} {low:>5s} {high:>5s} "
+            f"{r.get('generations', 0):>11d} {seconds / 3600:>8.2f}"
+        )
+    return "\n".join(lines)
