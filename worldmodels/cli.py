@@ -67,8 +67,8 @@ class Evaluate(Common):
     """Controller file (default: RUN_DIR/controller/best.safetensors)."""
     workers: int | None = None
     """Worker processes (default: cma.workers; 0: one per core)."""
-    max_steps: int = 1000
-    """Steps per episode (CarRacing-v3's limit is 1,000; fewer only for quick checks)."""
+    max_steps: int | None = None
+    """Steps per episode (default: eval.max_steps, CarRacing-v3's full 1,000; fewer only for quick checks)."""
     pretrained: str = ""
     """Evaluate a run shipped in the package ('book'): its checksums are checked and it is
     copied into RUN_DIR (default without --run-dir: runs/pretrained-NAME)."""

@@ -246,6 +246,8 @@ class EvalConfig(_Section):
     """Episodes, one track each."""
     seed: int = _bounded(2_000_000_000, 0, 2**31 - 1)
     """Evaluation tracks use seeds seed, seed+1, ...; never used in training or model selection."""
+    max_steps: int = _bounded(CARRACING_MAX_STEPS, 1, CARRACING_MAX_STEPS)
+    """Steps per evaluation episode (the protocol: CarRacing's full 1,000; fewer only in tiny)."""
 
     _section = "eval"
 
@@ -470,7 +472,7 @@ def tiny() -> Config:
             task_timeout=600.0,
         ),
         dream=DreamConfig(max_steps=30),
-        eval=EvalConfig(episodes=2),
+        eval=EvalConfig(episodes=2, max_steps=30),
     )
 
 

@@ -214,7 +214,7 @@ def train_controller_in_dream(
     quiet: bool = False,
     max_generations: int | None = None,
     evaluate_real: bool = True,
-    real_max_steps: int = CARRACING_MAX_STEPS,
+    real_max_steps: int | None = None,
 ) -> DreamResult:
     """Evolve C with CMA-ES inside M's dream, then score it in the real CarRacing-v3.
 
@@ -272,6 +272,7 @@ def train_controller_in_dream(
     entry = summary.get(key, {})
     if not result.finished:
         return DreamResult(result.best_params, tau, result.best_score, None)
+    real_max_steps = cfg.eval.max_steps if real_max_steps is None else real_max_steps
     if evaluate_real and "real_mean" not in entry:
         from worldmodels.rollout import Agent, evaluate
 

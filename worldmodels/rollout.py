@@ -531,12 +531,12 @@ def evaluate_run(
     seed: int | None = None,
     workers: int | None = None,
     controller: str | Path | None = None,
-    max_steps: int = 1000,
+    max_steps: int | None = None,
 ) -> dict[str, Any]:
     """The paper's protocol on a run: its best controller drives full episodes on unseen tracks.
 
     Tracks ``seed, seed + 1, ...`` (default ``cfg.eval.seed`` and ``cfg.eval.episodes``),
-    in ``workers`` processes (default ``cfg.cma.workers``; 0: one per core). Writes and
+    episodes of at most `max_steps` steps (default ``cfg.eval.max_steps``), in ``workers`` processes (default ``cfg.cma.workers``; 0: one per core). Writes and
     returns ``run/eval/results.json``: returns, seeds, episodes, mean, std, min, max,
     the controller's path, max_steps and the seconds it took.
     """
@@ -549,6 +549,7 @@ def evaluate_run(
     agent, params, path = load_agent_and_controller(run, cfg, controller)
     episodes = cfg.eval.episodes if episodes is None else episodes
     seed = cfg.eval.seed if seed is None else seed
+    max_steps = cfg.eval.max_steps if max_steps is None else max_steps
     start = time.perf_counter()
     result = evaluate(
         agent,
