@@ -86,3 +86,16 @@ def test_cli_evaluates_a_shipped_run_without_a_run_dir(tmp_path, finished_run, m
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(out["returns"]) == 2 and set(out) >= {"returns", "mean", "std"}
     assert (tmp_path / "runs" / "pretrained-tiny" / "eval" / "results.json").exists()
+
+
+def test_export_ships_the_ablations_records_but_no_extra_weights(tmp_path, finished_run):
+    run, _ = finished_run
+    sub = tmp_path / "run" / "ablations" / "z"
+    write_json(sub / "config.json", {"scale": "tiny"})
+    write_json(sub / "eval" / "results.json", {"mean": 1.0})
+    save_tensors(sub / "vae" / "vae.safetensors", {"w": torch.zeros(2)})  # a copy of the run's V: not shipped
+    folder = pretrained.export(run, "tiny", root=tmp_path / "shipped")
+    manifest = json.loads((folder / pretrained.MANIFEST).read_text())["sha256"]
+    assert {"ablations/z/config.json", "ablations/z/eval/results.json"} <= set(manifest)
+    assert not any(rel.startswith("ablations/z/vae") for rel in manifest)
+    assert pretrained.verify("tiny", root=tmp_path / "shipped") == folder

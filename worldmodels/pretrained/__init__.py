@@ -43,6 +43,18 @@ RECORDS = (
 """Small files copied as they are; those a run does not have are left out."""
 
 
+ABLATION_FILES = (
+    "config.json",
+    "controller/best.safetensors",
+    "controller/done.json",
+    "controller/history.csv",
+    "eval/results.json",
+)
+"""Files of each ablation run (``ablations/NAME/``, see :mod:`worldmodels.ablations`) shipped with
+the run: its config, controller, CMA-ES history and evaluation. V is the run's own, and an
+untrained M is rebuilt from the config's seed, so no other weights are needed."""
+
+
 class ChecksumError(RuntimeError):
     """A shipped file that is missing or whose SHA-256 differs from its manifest (the message names it)."""
 
@@ -142,7 +154,8 @@ def export(run: str | Path | RunDir, name: str, *, half: bool = True, root: Path
         metadata = _metadata(run.path / rel)
         save_tensors(folder / rel, tensors, metadata)
         files.append(rel)
-    for rel in RECORDS:
+    ablations = sorted(p.parent.relative_to(run.path) for p in run.path.glob("ablations/*/config.json"))
+    for rel in [*RECORDS, *(f"{a.as_posix()}/{f}" for a in ablations for f in ABLATION_FILES)]:
         if (run.path / rel).exists():
             write_bytes(folder / rel, (run.path / rel).read_bytes())
             files.append(rel)
@@ -157,4 +170,4 @@ def _metadata(path: Path) -> dict[str, str] | None:
         return f.metadata()
 
 
-__all__ = ["ChecksumError", "Pretrained", "available", "export", "install", "load", "verify"]
+__all__ = ["ABLATION_FILES", "ChecksumError", "Pretrained", "available", "export", "install", "load", "verify"]
