@@ -99,3 +99,24 @@ def test_export_ships_the_ablations_records_but_no_extra_weights(tmp_path, finis
     assert {"ablations/z/config.json", "ablations/z/eval/results.json"} <= set(manifest)
     assert not any(rel.startswith("ablations/z/vae") for rel in manifest)
     assert pretrained.verify("tiny", root=tmp_path / "shipped") == folder
+
+
+def test_export_with_evaluate_ships_the_evaluation_of_the_shipped_weights(tmp_path, finished_run, monkeypatch, capsys):
+    from worldmodels.cli import main
+
+    run, _ = finished_run
+    cfg = run.load_config().replace(**{"eval.episodes": 2, "eval.max_steps": 20, "cma.workers": 1})
+    (run.path / "config.json").write_text(cfg.to_json())
+    root = tmp_path / "shipped"
+    folder = pretrained.export(run, "tiny", evaluate=True, root=root)
+    shipped = json.loads((folder / "eval" / "results.json").read_text())
+    assert json.loads((folder / "eval" / "results_float32.json").read_text())["mean"] == 2.0  # the run's own
+    assert shipped["episodes"] == 2 and shipped["max_steps"] == 20 and shipped["controller"] == "controller/best.safetensors"
+    assert pretrained.verify("tiny", root=root) == folder
+    # The command reproduces the shipped evaluation exactly.
+    monkeypatch.setattr(pretrained, "ROOT", root)
+    monkeypatch.setattr(pretrained.install, "__defaults__", (root,))
+    monkeypatch.chdir(tmp_path)
+    main(["evaluate", "--pretrained", "tiny", "--json"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["returns"] == shipped["returns"] and out["mean"] == shipped["mean"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,8 +138,16 @@ def install(name: str, run: str | Path | RunDir, root: Path = ROOT) -> RunDir:
     return run
 
 
-def export(run: str | Path | RunDir, name: str, *, half: bool = True, root: Path = ROOT) -> Path:
+def export(
+    run: str | Path | RunDir, name: str, *, half: bool = True, evaluate: bool = False, root: Path = ROOT
+) -> Path:
     """Pack a finished run as shipped run `name`: weights (float16 when `half`), records, manifest.
+
+    With `evaluate`, the shipped weights themselves are evaluated with the run's protocol
+    (``eval.episodes`` tracks from ``eval.seed``, every core) and that becomes the shipped
+    ``eval/results.json``, so that ``python -m worldmodels evaluate --pretrained NAME``
+    reproduces it exactly; the run's own evaluation (full-precision weights) is shipped
+    beside it as ``eval/results_float32.json``.
 
     The manifest is written last, so an interrupted export is never loadable.
     """
@@ -159,8 +168,24 @@ def export(run: str | Path | RunDir, name: str, *, half: bool = True, root: Path
         if (run.path / rel).exists():
             write_bytes(folder / rel, (run.path / rel).read_bytes())
             files.append(rel)
+    if evaluate:
+        files += _evaluate_shipped(folder)
     write_json(folder / MANIFEST, {"name": name, "sha256": {rel: _sha256(folder / rel) for rel in files}})
     return folder
+
+
+def _evaluate_shipped(folder: Path) -> list[str]:
+    """Evaluate the weights in `folder` (a run layout) into its eval/results.json; the files written."""
+    from worldmodels.rollout import evaluate_run
+
+    results = folder / "eval" / "results.json"
+    written = []
+    if results.exists():
+        os.replace(results, folder / "eval" / "results_float32.json")
+        written.append("eval/results_float32.json")
+    shipped = evaluate_run(folder)
+    write_json(results, {**shipped, "controller": "controller/best.safetensors"})
+    return written + ["eval/results.json"]
 
 
 def _metadata(path: Path) -> dict[str, str] | None:
