@@ -232,3 +232,38 @@ def test_a_finished_run_continues_when_generations_grow(tmp_path):
         train_controller(cfg, run, quiet=True)
     with pytest.raises(RunDirError, match="cma.population"):
         train_controller(longer.replace(**{"cma.population": 6}), run, quiet=True)
+
+
+def _track_task(state, task):
+    """A sphere whose value also depends on the track: seed-dependent offsets, so scores differ by track."""
+    bumps = np.sin(task.seeds.astype(float))  # in [-1, 1], fixed per track
+    return -np.sum((task.params - SPHERE_SHIFT) ** 2, axis=1) + bumps * (1 + task.params[:, 0])
+
+
+def test_final_selection_rescores_the_best_validated_means(tmp_path):
+    from worldmodels.evolution import is_finished, selection_seeds
+
+    cfg = sphere_cfg(generations=6, eval_every=1, eval_episodes=2, select_top=3, select_episodes=5)
+    assert set(selection_seeds(cfg)).isdisjoint(validation_seeds(cfg))
+    ex = InlineExecutor(init=lambda: None)
+    result = evolve(_track_task, 5, cfg, ex, checkpoint_dir=tmp_path, quiet=True)
+    state = load_checkpoint(tmp_path / "es.pkl")
+    assert [v["generation"] for v in state.validated] == list(range(6))
+    sel = state.selection
+    assert sel["generation"] == 6 and len(sel["candidates"]) == 3
+    by_val = sorted(state.validated, key=lambda v: v["val_mean"], reverse=True)[:3]
+    assert [c["generation"] for c in sel["candidates"]] == [v["generation"] for v in by_val]
+    for c, v in zip(sel["candidates"], by_val):  # recompute each candidate's scores by hand
+        r = _track_task(None, make_tasks("select", 6, v["params"][None], selection_seeds(cfg), 99, 1)[0])
+        assert c["select_mean"] == pytest.approx(r.mean())
+        assert c["combined_mean"] == pytest.approx((2 * v["val_mean"] + r.sum()) / 7)
+    best = max(sel["candidates"], key=lambda c: c["combined_mean"])
+    assert result.best_score == pytest.approx(best["combined_mean"]) and sel["chosen_generation"] == best["generation"]
+    np.testing.assert_array_equal(result.best_params, next(v["params"] for v in by_val if v["generation"] == best["generation"]))
+    assert is_finished(tmp_path, cfg) and (tmp_path / "selection.json").exists()
+    # Finished and selected: called again, nothing is evaluated.
+    again = evolve(_fail_task, 5, cfg, ex, checkpoint_dir=tmp_path, quiet=True)
+    np.testing.assert_array_equal(again.best_params, result.best_params)
+    # A run finished without a selection (done.json but no selection.json) is not finished under select_top.
+    (tmp_path / "selection.json").unlink()
+    assert not is_finished(tmp_path, cfg) and is_finished(tmp_path, sphere_cfg(generations=6, eval_every=1))

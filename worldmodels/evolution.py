@@ -60,6 +60,11 @@ def validation_seeds(cma: CMAConfig) -> np.ndarray:
     return cma.seed + VALIDATION_OFFSET + np.arange(cma.eval_episodes, dtype=np.int64)
 
 
+def selection_seeds(cma: CMAConfig) -> np.ndarray:
+    """The further validation tracks of the final selection (after :func:`validation_seeds`)."""
+    return cma.seed + VALIDATION_OFFSET + cma.eval_episodes + np.arange(cma.select_episodes, dtype=np.int64)
+
+
 def _check_seed_ranges(cma: CMAConfig) -> None:
     if cma.generations * cma.episodes_per_candidate > VALIDATION_OFFSET:
         raise ConfigError(
@@ -184,6 +189,10 @@ class EvolutionState:
     history: list[dict] = field(default_factory=list)
     numpy_random_state: tuple | None = None
     torch_random_state: Any = None
+    validated: list[dict] = field(default_factory=list)
+    """Every validated mean: generation, val_mean, val_std, params."""
+    selection: dict | None = None
+    """The final selection (see :func:`select_final`), once done."""
 
     @property
     def mean(self) -> np.ndarray:
@@ -217,6 +226,9 @@ def load_checkpoint(path: Path) -> EvolutionState:
     if payload.get("version") != CHECKPOINT_VERSION:
         raise RuntimeError(f"{path}: checkpoint version {payload.get('version')}, expected {CHECKPOINT_VERSION}")
     state: EvolutionState = payload["state"]
+    for name, default in (("validated", []), ("selection", None)):  # checkpoints written before these fields
+        if name not in state.__dict__:
+            setattr(state, name, default)
     if state.numpy_random_state is not None:
         np.random.set_state(state.numpy_random_state)
     if state.torch_random_state is not None:
@@ -273,7 +285,9 @@ def evolve(
        :func:`validation_seeds` without early termination, for at most `eval_max_steps`
        steps (default ``cma_cfg.max_steps``: CarRacing's full 1,000 in the ``book`` and
        ``paper`` presets); the best mean by
-       validation score is kept (``{prefix}best.safetensors``);
+       validation score is kept (``{prefix}best.safetensors``); after the last
+       generation, with ``select_top``, :func:`select_final` re-scores the best validated
+       means on more validation tracks and keeps the winner (``{prefix}selection.json``);
     5. with a `checkpoint_dir`, ``{prefix}es.pkl`` (the pickled ES, generation, best,
        history, RNG states), ``{prefix}history.csv`` and ``{prefix}last.safetensors``
        (the current mean) are written atomically.
@@ -332,6 +346,7 @@ def evolve(
                 )
                 val = run_tasks(executor, task_fn, val_tasks, cma_cfg.task_timeout)
                 row["val_mean"], row["val_std"] = float(val.mean()), float(val.std())
+                state.validated.append({"generation": g, "val_mean": row["val_mean"], "val_std": row["val_std"], "params": mean})
                 if row["val_mean"] > state.best_score:
                     state.best_params, state.best_score, state.best_generation = mean, row["val_mean"], g
                     if ckpt_dir is not None:
@@ -354,6 +369,13 @@ def evolve(
         bar.close()
 
     finished = state.generation >= cma_cfg.generations
+    if finished and cma_cfg.select_top and (state.selection or {}).get("generation") != state.generation:
+        select_final(state, task_fn, cma_cfg, executor, task_size, eval_max_steps)
+        if ckpt_dir is not None:
+            meta = {"generation": str(state.best_generation), "selection_score": repr(state.best_score)}
+            save_params(ckpt_dir / f"{prefix}best.safetensors", state.best_params, meta)
+            write_json(ckpt_dir / f"{prefix}selection.json", {k: v for k, v in state.selection.items()})
+            save_checkpoint(ckpt_path, state)
     if finished and ckpt_dir is not None and _finished_generations(ckpt_dir / f"{prefix}done.json") != state.generation:
         write_json(
             ckpt_dir / f"{prefix}done.json",
@@ -361,6 +383,58 @@ def evolve(
         )
     best = state.best_params if state.best_params is not None else state.mean
     return EvolutionResult(best, state.best_score, state.mean, state.generation, state.history, state.es, finished)
+
+
+def select_final(
+    state: EvolutionState,
+    task_fn: TaskFn,
+    cma_cfg: CMAConfig,
+    executor: Executor,
+    task_size: int,
+    max_steps: int,
+) -> dict:
+    """Choose the final controller among the validated means more reliably than one validation allows.
+
+    The ``select_top`` validated means with the highest validation scores (the best mean so
+    far always among them) each drive the ``select_episodes`` tracks of
+    :func:`selection_seeds`, full episodes; the winner has the best mean over its
+    validation and selection tracks together. It becomes ``state.best_params``;
+    ``state.selection`` records every candidate's scores.
+    """
+    candidates = {v["generation"]: v for v in state.validated}
+    if state.best_params is not None and state.best_generation not in candidates:
+        # validated before the checkpoint kept every validated mean: the best one is still known
+        row = next((h for h in state.history if h["generation"] == state.best_generation), {})
+        candidates[state.best_generation] = {
+            "generation": state.best_generation, "val_mean": state.best_score,
+            "val_std": row.get("val_std"), "params": state.best_params,
+        }
+    top = sorted(candidates.values(), key=lambda v: v["val_mean"], reverse=True)[: cma_cfg.select_top]
+    seeds = selection_seeds(cma_cfg)
+    params = np.stack([v["params"] for v in top])
+    tasks = make_tasks("select", state.generation, params, seeds, task_size, max_steps, 0)
+    returns = run_tasks(executor, task_fn, tasks, cma_cfg.task_timeout).reshape(len(top), len(seeds))
+    n_val = cma_cfg.eval_episodes
+    rows = []
+    for v, r in zip(top, returns):
+        combined = (v["val_mean"] * n_val + r.sum()) / (n_val + len(r))
+        rows.append({
+            "generation": v["generation"], "val_mean": v["val_mean"], "val_std": v["val_std"],
+            "select_mean": float(r.mean()), "select_std": float(r.std()), "combined_mean": float(combined),
+        })
+    winner = max(range(len(rows)), key=lambda i: rows[i]["combined_mean"])
+    state.best_params = top[winner]["params"]
+    state.best_score = rows[winner]["combined_mean"]
+    state.best_generation = rows[winner]["generation"]
+    state.selection = {
+        "generation": state.generation,
+        "tracks": [int(seeds[0]), int(seeds[-1])] if len(seeds) else [],
+        "validation_episodes": n_val,
+        "selection_episodes": len(seeds),
+        "candidates": rows,
+        "chosen_generation": state.best_generation,
+    }
+    return state.selection
 
 
 def _finished_generations(done_path: Path) -> int | None:
@@ -372,8 +446,14 @@ def _finished_generations(done_path: Path) -> int | None:
 
 def is_finished(folder: Path, cma_cfg: CMAConfig, prefix: str = "") -> bool:
     """True when ``folder`` holds a finished run of at least ``cma_cfg.generations`` generations."""
-    done = _finished_generations(Path(folder) / f"{prefix}done.json")
-    return done is not None and done >= cma_cfg.generations and (Path(folder) / f"{prefix}best.safetensors").exists()
+    folder = Path(folder)
+    done = _finished_generations(folder / f"{prefix}done.json")
+    if done is None or done < cma_cfg.generations or not (folder / f"{prefix}best.safetensors").exists():
+        return False
+    if cma_cfg.select_top:  # the final selection must have run on the last generation
+        selection = folder / f"{prefix}selection.json"
+        return selection.exists() and json.loads(selection.read_text())["generation"] == done
+    return True
 
 
 # --------------------------------------------------------------------------------------
