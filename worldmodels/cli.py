@@ -201,6 +201,13 @@ def run_train_controller(args: TrainController) -> None:
     if validated:
         best = max(validated, key=lambda r: r["val_mean"])
         line += f"; best validation {best['val_mean']:.1f} +- {best['val_std']:.1f} at generation {int(best['generation'])}"
+    if (out / "selection.json").exists():
+        import json
+
+        selection = json.loads((out / "selection.json").read_text())
+        chosen = next(c for c in selection["candidates"] if c["generation"] == selection["chosen_generation"])
+        line += (f"; selected generation {chosen['generation']} ({chosen['combined_mean']:.1f} over "
+                 f"{selection['validation_episodes'] + selection['selection_episodes']} validation tracks)")
     print(line)
 
 
