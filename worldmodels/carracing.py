@@ -42,6 +42,7 @@ from gymnasium.envs.box2d.car_racing import (
 from pygame import gfxdraw, surfarray
 
 from worldmodels import FAST_CARRACING_ID as ENV_ID
+from worldmodels import raster
 
 VERIFIED_GYMNASIUM = "1.4.0"
 VERIFIED_PYGAME = "2.5.8"
@@ -165,7 +166,11 @@ class FastCarRacing(CarRacing):
             self._shrunk_hud = pygame.Surface((STATE_W, WINDOW_H - _HUD_TOP))
             self._shrunk = pygame.Surface((STATE_W, WINDOW_H))
             self._texts: dict[str, tuple[pygame.Surface, pygame.Rect]] = {}
-            self._mapped: dict[tuple, int] = {}
+            self._mapped: dict[tuple, int | None] = {}
+            # The compiled rasteriser draws into the canvas through this (locked) view.
+            self._pixels = None
+            if raster.supported() and self._canvas.get_masks() == raster.XRGB_MASKS:
+                self._pixels = surfarray.pixels2d(self._canvas).T
 
     def _text(self) -> tuple[pygame.Surface, pygame.Rect]:
         label = f"{self.reward:04.0f}"
@@ -179,13 +184,17 @@ class FastCarRacing(CarRacing):
             self._texts[label] = (text, rect)
         return self._texts[label]
 
-    def _mapped_color(self, color: Any) -> int:
-        """The pixel value gfxdraw writes for ``color`` on the canvas."""
+    def _mapped_color(self, color: Any) -> int | None:
+        """The pixel value gfxdraw writes for ``color`` on the canvas (None if not opaque)."""
         key = tuple(np.asarray(color).tolist())
         if key not in self._mapped:
-            probe = pygame.Surface((4, 4))
-            gfxdraw.filled_polygon(probe, [(0, 0), (3, 0), (3, 3), (0, 3)], color)
-            self._mapped[key] = probe.get_at_mapped((1, 1))
+            values = []
+            for background in (0, 0xFFFFFF):
+                probe = pygame.Surface((4, 4))
+                probe.fill(background)
+                gfxdraw.filled_polygon(probe, [(0, 0), (3, 0), (3, 3), (0, 3)], color)
+                values.append(probe.get_at_mapped((1, 1)))
+            self._mapped[key] = values[0] if values[0] == values[1] else None
         return self._mapped[key]
 
     def _hud_fits(self) -> bool:
@@ -220,8 +229,9 @@ class FastCarRacing(CarRacing):
         trans = (WINDOW_W / 2 + scroll[0], WINDOW_H / 4 + scroll[1])
 
         canvas = self._canvas
-        self._draw_field(canvas, zoom, trans, angle)
-        self._draw_polygons(canvas, zoom, trans, angle)
+        field, polys, colors = self._scene(zoom, trans, angle)
+        if not self._draw_compiled(field, polys, colors):
+            self._draw_pygame(canvas, field, polys, colors)
         car.draw(canvas, zoom, trans, angle, False)
 
         # The HUD is drawn by upstream code on its own surface; only its bottom strip is used.
@@ -240,18 +250,18 @@ class FastCarRacing(CarRacing):
         scaled = pygame.transform.smoothscale(self._shrunk, (STATE_W, STATE_H))
         return np.transpose(np.array(surfarray.pixels3d(scaled)), axes=(1, 0, 2))
 
-    def _draw_field(self, canvas: pygame.Surface, zoom: float, trans: tuple, angle: float) -> None:
-        xs, ys = rotate(_FIELD[:, 0], _FIELD[:, 1], angle)
-        xs, ys = (xs * zoom + trans[0]).tolist(), (ys * zoom + trans[1]).tolist()
-        if _covers_view(xs, ys):
-            canvas.fill(self._mapped_color(self.bg_color), _KEEP)
-            return
-        canvas.fill(0)
-        points = list(zip(xs, ys))
-        gfxdraw.aapolygon(canvas, points, self.bg_color)
-        gfxdraw.filled_polygon(canvas, points, self.bg_color)
+    def _scene(self, zoom: float, trans: tuple, angle: float) -> tuple[np.ndarray | None, np.ndarray, list]:
+        """What upstream draws that can reach the observation, in pixel coordinates.
 
-    def _draw_polygons(self, canvas: pygame.Surface, zoom: float, trans: tuple, angle: float) -> None:
+        Returns the background polygon (None when it is opaque and covers the whole view, so
+        a fill will do), the (n, 4, 2) grass and road polygons in drawing order, and their
+        colours.
+        """
+        xs, ys = rotate(_FIELD[:, 0], _FIELD[:, 1], angle)
+        xs, ys = xs * zoom + trans[0], ys * zoom + trans[1]
+        field = np.stack([xs, ys], axis=-1)
+        if self._mapped_color(self.bg_color) is not None and _covers_view(xs.tolist(), ys.tolist()):
+            field = None
         if self._track_key != (id(self.road_poly), len(self.road_poly)):
             self._prepare_track()
         # Coarse cull on bounding circles, then exact per-vertex coordinates for the rest.
@@ -279,18 +289,42 @@ class FastCarRacing(CarRacing):
             & (ys.min(axis=1) <= WINDOW_H + _MARGIN)
         )
         drawn = np.flatnonzero(upstream & near)
-        points = np.stack([xs[drawn], ys[drawn]], axis=-1).tolist()
         n_grass = len(_GRASS)
-        for i, poly in zip(candidates[drawn].tolist(), points):
-            if i < n_grass:
-                color = self.grass_color
-            else:
-                color = [int(c) for c in self._road_colors[i - n_grass]]
+        colors = [
+            self.grass_color if i < n_grass else [int(c) for c in self._road_colors[i - n_grass]]
+            for i in candidates[drawn].tolist()
+        ]
+        return field, np.stack([xs[drawn], ys[drawn]], axis=-1), colors
+
+    def _draw_compiled(self, field: np.ndarray | None, polys: np.ndarray, colors: list) -> bool:
+        """Draw the scene with the compiled primitives; False if it must go to pygame."""
+        if self._pixels is None:
+            return False
+        mapped = [self._mapped_color(c) for c in colors]
+        background = self._mapped_color(self.bg_color)
+        if background is None or None in mapped:
+            return False
+        if field is None:
+            fill = background
+        else:
+            fill = 0
+            polys = np.concatenate([field[None], polys])
+            mapped.insert(0, background)
+        return raster.draw_polygons(self._pixels, polys, np.array(mapped, np.int64), _KEEP_TOP, fill)
+
+    def _draw_pygame(self, canvas: pygame.Surface, field: np.ndarray | None, polys: np.ndarray, colors: list) -> None:
+        if field is None:
+            canvas.fill(self._mapped_color(self.bg_color), _KEEP)
+        else:
+            canvas.fill(0)
+            gfxdraw.aapolygon(canvas, field.tolist(), self.bg_color)
+            gfxdraw.filled_polygon(canvas, field.tolist(), self.bg_color)
+        for poly, color in zip(polys.tolist(), colors):
             gfxdraw.aapolygon(canvas, poly, color)
             gfxdraw.filled_polygon(canvas, poly, color)
 
     def close(self) -> None:
-        self._canvas = None
+        self._canvas = self._pixels = None
         super().close()
 
 
