@@ -243,10 +243,14 @@ class FastCarRacing(CarRacing):
         # smoothscale = horizontal pass per row, then vertical pass per column.
         pygame.transform.smoothscale(canvas.subsurface(_KEEP), self._shrunk_view.get_size(), self._shrunk_view)
         pygame.transform.smoothscale(self._hud.subsurface(_HUD), self._shrunk_hud.get_size(), self._shrunk_hud)
+        view = surfarray.pixels2d(self._shrunk_view).T
+        hud = surfarray.pixels2d(self._shrunk_hud).T
+        if self._pixels is not None:
+            return raster.shrink_columns(view, hud, STATE_H, flip_upper=True)
         shrunk = surfarray.pixels2d(self._shrunk)
-        shrunk[:, :_HUD_TOP] = surfarray.pixels2d(self._shrunk_view)[:, ::-1]
-        shrunk[:, _HUD_TOP:] = surfarray.pixels2d(self._shrunk_hud)
-        del shrunk
+        shrunk[:, :_HUD_TOP] = view[::-1].T
+        shrunk[:, _HUD_TOP:] = hud.T
+        del shrunk, view, hud
         scaled = pygame.transform.smoothscale(self._shrunk, (STATE_W, STATE_H))
         return np.transpose(np.array(surfarray.pixels3d(scaled)), axes=(1, 0, 2))
 

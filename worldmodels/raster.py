@@ -12,10 +12,12 @@ Three primitives, written with numba against the arithmetic of the C code they m
 * the blend of an anti-aliased pixel, ``d + ((c - d) * a >> 8)`` per channel with an
   arithmetic shift (SDL_gfx's unsigned 32-bit expression reduces to this for 8-bit channels),
   which also clears the unused top byte;
-* :func:`shrink_frame`: ``transform.smoothscale``'s SSE2 shrink filters (pygame-ce's
-  ``filter_shrink_X_SSE2`` / ``filter_shrink_Y_SSE2``): a 16-bit accumulator per channel, the
-  pixel at a destination boundary split by ``mulhi(src << 2, counter)``, the sum scaled by
-  ``mulhi(sum, 0x40000000 // space)`` and saturated to 8 bits.
+* :func:`shrink_columns`: the vertical pass of ``transform.smoothscale`` (pygame-ce's
+  ``filter_shrink_Y_SSE2``): a 16-bit accumulator per channel, the pixel at a destination
+  boundary split by ``mulhi(src << 2, counter)``, the sum scaled by
+  ``mulhi(sum, 0x40000000 // space)`` and saturated to 8 bits. (The horizontal pass stays
+  pygame's: its SIMD loop over 1000-pixel rows is faster than a compiled scalar one, whose
+  9-10 pixel segments between boundaries do not vectorise.)
 
 Everything works on 32-bit ``XRGB8888`` pixels (``0x00RRGGBB``), the format of a plain
 ``pygame.Surface`` on every platform pygame-ce supports. :func:`supported` says whether this
@@ -303,9 +305,15 @@ def draw_polygons(
 
 
 def shrink_plan(src: int, dst: int) -> np.ndarray:
-    """(dst, 3) int64 rows of (source index, counter, fraction) where a destination pixel is
-    written by smoothscale's shrink filter, plus the reciprocal as an extra last row."""
+    """Where smoothscale's shrink filter writes, shrinking ``src`` pixels to ``dst``.
+
+    Row k < dst holds (source index of the pixel split at the k-th boundary, its weight
+    ``counter`` for destination pixel k, its weight ``fraction`` carried to pixel k + 1); the
+    last row holds the filter's 16-bit reciprocal of the spacing.
+    """
     space = _ONE * src // dst
+    if not 1 < src / dst < 256:
+        raise ValueError(f"only shrinking by a factor in (1, 256) is reproduced, not {src} -> {dst}")
     plan = np.zeros((dst + 1, 3), np.int64)
     counter, k = space, 0
     for i in range(src):
@@ -324,99 +332,54 @@ def shrink_plan(src: int, dst: int) -> np.ndarray:
 
 
 @_jit
-def _mulhi(a, b):
-    return ((a & 0xFFFF) * (b & 0xFFFF)) >> 16
-
-
-@_jit
-def _pack(v):
-    v &= 0xFFFF
-    if v >= 0x8000:  # negative as int16: saturates to 0
-        return 0
-    return min(v, 255)
-
-
-@_jit
-def _shrink_boundary(s, counter, acc, recip):
-    """One channel of a destination pixel: s is the 8-bit source value at the boundary."""
-    return _pack(_mulhi(_mulhi(s << 2, counter) + acc, recip))
-
-
-@_jit
-def _shrink_line(src, plan, out):
-    """``filter_shrink_X_SSE2`` on one row (or, with rows for pixels, ``_Y_`` on one column).
-
-    Red and blue are summed together in the 16-bit halves of one integer, green in another;
-    no half overflows for the at most ~11 source pixels between two boundaries.
-    """
-    dst = plan.shape[0] - 1
-    recip = plan[dst, 0]
-    rb = g = 0
-    start = 0
-    for k in range(dst):
-        edge, counter, frac = plan[k, 0], plan[k, 1], plan[k, 2]
-        for i in range(start, edge):
-            p = np.int64(src[i])
-            rb += p & 0xFF00FF
-            g += p & 0xFF00
-        p = np.int64(src[edge])
-        r, gg, b = (p >> 16) & 0xFF, (p >> 8) & 0xFF, p & 0xFF
-        out[k] = (
-            (_shrink_boundary(r, counter, (rb >> 16) & 0xFFFF, recip) << 16)
-            | (_shrink_boundary(gg, counter, (g >> 8) & 0xFFFF, recip) << 8)
-            | _shrink_boundary(b, counter, rb & 0xFFFF, recip)
-        )
-        rb = (_mulhi(r << 2, frac) << 16) | _mulhi(b << 2, frac)
-        g = _mulhi(gg << 2, frac) << 8
-        start = edge + 1
-
-
-@_jit
-def _shrink_frame(canvas, top, hud, hud_top, xplan, yplan, temp, out):
-    rows_view = canvas.shape[0] - top
-    rows = temp.shape[0]
-    for r in range(rows_view):
-        _shrink_line(canvas[canvas.shape[0] - 1 - r], xplan, temp[r])
-    for r in range(rows - rows_view):
-        _shrink_line(hud[hud_top + r], xplan, temp[rows_view + r])
-    width = temp.shape[1]
-    height = yplan.shape[0] - 1
-    recip = yplan[height, 0]
-    rb = np.zeros(width, np.int64)
-    g = np.zeros(width, np.int64)
-    start = 0
-    for k in range(height):
-        edge, counter, frac = yplan[k, 0], yplan[k, 1], yplan[k, 2]
-        for r in range(start, edge):
+def _shrink_columns(upper, lower, flip, plan, out):
+    # A destination pixel is ((mulhi(4 s, counter) + acc) * recip) >> 16 with acc the sum of
+    # the whole source pixels plus mulhi(4 s', fraction) of the previous split pixel. Both
+    # weights add up to the spacing, so for a factor below 256 acc stays below 2**16 and the
+    # result below 256: SSE2's 16-bit wrap-around and saturation never act, and 32-bit
+    # integers hold every intermediate. Red and blue are summed in the halves of one integer.
+    height = plan.shape[0] - 1
+    width = out.shape[1]
+    recip = np.int32(plan[height, 0])
+    acc_rb = np.zeros(width, np.int32)
+    acc_g = np.zeros(width, np.int32)
+    n_upper = upper.shape[0]
+    k = 0
+    for r in range(n_upper + lower.shape[0]):
+        if r < n_upper:
+            row = upper[n_upper - 1 - r] if flip else upper[r]
+        else:
+            row = lower[r - n_upper]
+        if k < height and r == plan[k, 0]:
+            counter = np.int32(4 * plan[k, 1])
+            frac = np.int32(4 * plan[k, 2])
             for x in range(width):
-                p = np.int64(temp[r, x])
-                rb[x] += p & 0xFF00FF
-                g[x] += p & 0xFF00
-        for x in range(width):
-            p = np.int64(temp[edge, x])
-            cr, cg, cb = (p >> 16) & 0xFF, (p >> 8) & 0xFF, p & 0xFF
-            out[x, k, 0] = _shrink_boundary(cr, counter, (rb[x] >> 16) & 0xFFFF, recip)
-            out[x, k, 1] = _shrink_boundary(cg, counter, (g[x] >> 8) & 0xFFFF, recip)
-            out[x, k, 2] = _shrink_boundary(cb, counter, rb[x] & 0xFFFF, recip)
-            rb[x] = (_mulhi(cr << 2, frac) << 16) | _mulhi(cb << 2, frac)
-            g[x] = _mulhi(cg << 2, frac) << 8
-        start = edge + 1
+                p = np.int32(row[x])
+                red, green, blue = (p >> 16) & 0xFF, (p >> 8) & 0xFF, p & 0xFF
+                out[k, x, 0] = (((red * counter) >> 16) + (acc_rb[x] >> 16)) * recip >> 16
+                out[k, x, 1] = (((green * counter) >> 16) + (acc_g[x] >> 8)) * recip >> 16
+                out[k, x, 2] = (((blue * counter) >> 16) + (acc_rb[x] & 0xFFFF)) * recip >> 16
+                acc_rb[x] = (((red * frac) >> 16) << 16) | ((blue * frac) >> 16)
+                acc_g[x] = ((green * frac) >> 16) << 8
+            k += 1
+        else:
+            for x in range(width):
+                p = np.int32(row[x])
+                acc_rb[x] += p & 0xFF00FF
+                acc_g[x] += p & 0xFF00
 
 
-def shrink_frame(
-    canvas: np.ndarray, top: int, hud: np.ndarray, hud_top: int, size: tuple[int, int]
-) -> np.ndarray:
-    """``smoothscale`` of the frame made of ``canvas[top:]`` flipped vertically over ``hud[hud_top:]``.
+def shrink_columns(upper: np.ndarray, lower: np.ndarray, height: int, flip_upper: bool = False) -> np.ndarray:
+    """The vertical pass of ``smoothscale`` (``filter_shrink_Y_SSE2``) to ``height`` rows, of
+    the image made of the rows of ``upper`` (in reverse order if ``flip_upper``) followed by
+    those of ``lower``.
 
-    ``canvas`` and ``hud`` are (height, width) uint32 XRGB pixels. Returns the (width, height, 3)
-    uint8 RGB array ``surfarray.pixels3d`` would give of the scaled surface.
+    ``upper`` and ``lower`` are C-contiguous (rows, width) uint32 XRGB pixel arrays. Returns
+    the (height, width, 3) uint8 RGB image.
     """
-    w, h = size
-    xplan = _plan(canvas.shape[1], w)
-    yplan = _plan(canvas.shape[0] - top + hud.shape[0] - hud_top, h)
-    temp = np.empty((canvas.shape[0] - top + hud.shape[0] - hud_top, w), np.uint32)
-    out = np.empty((w, h, 3), np.uint8)
-    _shrink_frame(canvas, top, hud, hud_top, xplan, yplan, temp, out)
+    plan = _plan(upper.shape[0] + lower.shape[0], height)
+    out = np.empty((height, upper.shape[1], 3), np.uint8)
+    _shrink_columns(upper, lower, flip_upper, plan, out)
     return out
 
 
