@@ -18,13 +18,16 @@ a display surface being open, ``human``/``rgb_array`` renders) use gymnasium's c
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
+import io
 import math
 from typing import Any
 
 import numpy as np
 import pygame
+import pygame.pkgdata
 from gymnasium.envs.box2d.car_dynamics import Car
 from gymnasium.envs.box2d.car_racing import (
     GRASS_DIM,
@@ -127,6 +130,13 @@ _FIELD = np.array(
 )
 
 
+@functools.cache
+def _default_font_bytes() -> bytes:
+    """The file ``pygame.font.Font(pygame.font.get_default_font(), ...)`` reads, read once."""
+    with pygame.pkgdata.getResource(pygame.font.get_default_font()) as f:
+        return f.read()
+
+
 def _covers_view(xs: list[float], ys: list[float]) -> bool:
     """True if the convex quad holds every kept pixel with a margin, and fits gfxdraw's int16."""
     if max(map(abs, xs + ys)) > 32000:
@@ -175,7 +185,8 @@ class FastCarRacing(CarRacing):
     def _text(self) -> tuple[pygame.Surface, pygame.Rect]:
         label = f"{self.reward:04.0f}"
         if label not in self._texts:
-            font = pygame.font.Font(pygame.font.get_default_font(), 42)
+            # A new Font for each label, as upstream, but parsed from bytes held in memory.
+            font = pygame.font.Font(io.BytesIO(_default_font_bytes()), 42)
             text = font.render(label, True, (255, 255, 255), (0, 0, 0))
             rect = text.get_rect()
             rect.center = _TEXT_CENTER
@@ -229,9 +240,9 @@ class FastCarRacing(CarRacing):
         trans = (WINDOW_W / 2 + scroll[0], WINDOW_H / 4 + scroll[1])
 
         canvas = self._canvas
-        field, polys, colors = self._scene(zoom, trans, angle)
-        if not self._draw_compiled(field, polys, colors):
-            self._draw_pygame(canvas, field, polys, colors)
+        field, polys, ids = self._scene(zoom, trans, angle)
+        if not self._draw_compiled(field, polys, ids):
+            self._draw_pygame(canvas, field, polys, ids)
         car.draw(canvas, zoom, trans, angle, False)
 
         # The HUD is drawn by upstream code on its own surface; only its bottom strip is used.
@@ -254,12 +265,12 @@ class FastCarRacing(CarRacing):
         scaled = pygame.transform.smoothscale(self._shrunk, (STATE_W, STATE_H))
         return np.transpose(np.array(surfarray.pixels3d(scaled)), axes=(1, 0, 2))
 
-    def _scene(self, zoom: float, trans: tuple, angle: float) -> tuple[np.ndarray | None, np.ndarray, list]:
+    def _scene(self, zoom: float, trans: tuple, angle: float) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
         """What upstream draws that can reach the observation, in pixel coordinates.
 
         Returns the background polygon (None when it is opaque and covers the whole view, so
         a fill will do), the (n, 4, 2) grass and road polygons in drawing order, and their
-        colours.
+        indices into ``_polys`` (grass first, then ``road_poly``).
         """
         xs, ys = rotate(_FIELD[:, 0], _FIELD[:, 1], angle)
         xs, ys = xs * zoom + trans[0], ys * zoom + trans[1]
@@ -293,37 +304,44 @@ class FastCarRacing(CarRacing):
             & (ys.min(axis=1) <= WINDOW_H + _MARGIN)
         )
         drawn = np.flatnonzero(upstream & near)
+        return field, np.stack([xs[drawn], ys[drawn]], axis=-1), candidates[drawn]
+
+    def _colors(self, ids: np.ndarray) -> list:
+        """The colours upstream passes to gfxdraw for the polygons ``ids``."""
         n_grass = len(_GRASS)
-        colors = [
+        return [
             self.grass_color if i < n_grass else [int(c) for c in self._road_colors[i - n_grass]]
-            for i in candidates[drawn].tolist()
+            for i in ids.tolist()
         ]
-        return field, np.stack([xs[drawn], ys[drawn]], axis=-1), colors
 
-    def _draw_compiled(self, field: np.ndarray | None, polys: np.ndarray, colors: list) -> bool:
+    def _draw_compiled(self, field: np.ndarray | None, polys: np.ndarray, ids: np.ndarray) -> bool:
         """Draw the scene with the compiled primitives; False if it must go to pygame."""
-        if self._pixels is None:
+        background, grass = self._mapped_color(self.bg_color), self._mapped_color(self.grass_color)
+        if self._pixels is None or background is None or grass is None:
             return False
-        mapped = [self._mapped_color(c) for c in colors]
-        background = self._mapped_color(self.bg_color)
-        if background is None or None in mapped:
-            return False
-        if field is None:
-            fill = background
-        else:
-            fill = 0
+        n_grass = len(_GRASS)
+        mapped = np.full(len(ids) + (field is not None), grass, np.int64)
+        if field is not None:
             polys = np.concatenate([field[None], polys])
-            mapped.insert(0, background)
-        return raster.draw_polygons(self._pixels, polys, np.array(mapped, np.int64), _KEEP_TOP, fill)
+            mapped[0] = background
+        for k, i in enumerate(ids.tolist(), start=len(mapped) - len(ids)):
+            if i >= n_grass:
+                # gfxdraw maps an in-range (r, g, b) to 0x00RRGGBB on an XRGB8888 surface.
+                r, g, b = (int(c) for c in self._road_colors[i - n_grass])
+                if not (0 <= r < 256 and 0 <= g < 256 and 0 <= b < 256):
+                    return False
+                mapped[k] = (r << 16) | (g << 8) | b
+        fill = background if field is None else 0
+        return raster.draw_polygons(self._pixels, polys, mapped, _KEEP_TOP, fill)
 
-    def _draw_pygame(self, canvas: pygame.Surface, field: np.ndarray | None, polys: np.ndarray, colors: list) -> None:
+    def _draw_pygame(self, canvas: pygame.Surface, field: np.ndarray | None, polys: np.ndarray, ids: np.ndarray) -> None:
         if field is None:
             canvas.fill(self._mapped_color(self.bg_color), _KEEP)
         else:
             canvas.fill(0)
             gfxdraw.aapolygon(canvas, field.tolist(), self.bg_color)
             gfxdraw.filled_polygon(canvas, field.tolist(), self.bg_color)
-        for poly, color in zip(polys.tolist(), colors):
+        for poly, color in zip(polys.tolist(), self._colors(ids)):
             gfxdraw.aapolygon(canvas, poly, color)
             gfxdraw.filled_polygon(canvas, poly, color)
 
