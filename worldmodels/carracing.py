@@ -5,15 +5,21 @@ Speed-ups over gymnasium's renderer, each keeping every observation pixel identi
 * all grass/road polygons are rotated, translated and culled in one numpy pass, with the
   same float operations as ``pygame.math.Vector2.rotate_rad``;
 * polygons that cannot touch a pixel the observation depends on are not drawn;
-* a background polygon covering the whole view becomes ``Surface.fill``;
+* a background polygon covering the whole view becomes a fill;
+* the background, grass and road polygons are drawn by compiled, bit-exact copies of
+  ``gfxdraw.aapolygon`` + ``gfxdraw.filled_polygon`` (:mod:`worldmodels.raster`, numba);
 * after the vertical flip the HUD bar overwrites the bottom 100 rows, so the top 100 rows of
-  the unflipped surface are never needed; instead of flipping 1000x800 pixels we run the
-  (row-wise) horizontal pass of ``smoothscale`` first, flip 96-pixel rows, splice in the
-  shrunk HUD, and finish with the vertical pass;
-* persistent surfaces, and the HUD text rendered once per distinct reward string.
+  the unflipped surface are never needed: ``smoothscale``'s horizontal pass (pygame's SIMD
+  code) runs on the 700 kept rows and on the HUD strip, and a compiled copy of its vertical
+  pass reads them flipped and spliced, writing the observation array directly;
+* persistent surfaces, the HUD text rendered once per distinct reward string, and the HUD
+  font parsed from bytes held in memory.
 
-Frames the fast path cannot reproduce exactly (HUD bars reaching above the HUD strip,
-a display surface being open, ``human``/``rgb_array`` renders) use gymnasium's code.
+What stays pygame's own code, unchanged: the car (``Car.draw``, ``pygame.draw.polygon``),
+the HUD bars and text, and the horizontal ``smoothscale`` pass. Frames the fast path cannot
+reproduce exactly (HUD bars reaching above the HUD strip, a display surface being open,
+``human``/``rgb_array`` renders) use gymnasium's code; without numba, off smoothscale's SSE2
+backend, or for polygons the compiled primitives refuse, the polygons are drawn with gfxdraw.
 """
 
 from __future__ import annotations
@@ -156,7 +162,7 @@ def _covers_view(xs: list[float], ys: list[float]) -> bool:
 
 
 class FastCarRacing(CarRacing):
-    """gymnasium's CarRacing with identical dynamics and pixels, rendered ~4x faster."""
+    """gymnasium's CarRacing with identical dynamics and pixels, rendered ~5x faster."""
 
     _track_key: tuple[int, int] | None = None
 

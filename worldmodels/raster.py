@@ -41,7 +41,12 @@ _ONE = 0x4000  # smoothscale's fixed-point unit: one source pixel
 
 
 def _jit(fn):
-    return numba.njit(cache=True, nogil=True)(fn) if numba is not None else fn
+    if numba is None:
+        return fn
+    try:
+        return numba.njit(cache=True, nogil=True)(fn)
+    except RuntimeError:  # no writable cache directory: compile in each process instead
+        return numba.njit(nogil=True)(fn)
 
 
 def supported() -> bool:
