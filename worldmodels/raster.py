@@ -1,27 +1,26 @@
 """Compiled, bit-exact copies of the pygame-ce 2.5.8 pixel primitives CarRacing's renderer uses.
 
-Three primitives, written with numba against the arithmetic of the C code they mirror:
+Written with numba against the arithmetic of the C code they mirror:
 
 * :func:`draw_polygons`: ``gfxdraw.aapolygon`` followed by ``gfxdraw.filled_polygon`` for each
   polygon (SDL_gfx as vendored by pygame-ce): coordinates truncated towards zero and wrapped to
   int16, Cohen-Sutherland clipping of each edge with single-precision slopes, Wu anti-aliased
   edges on a 32-bit error accumulator (the weight is the accumulator's top byte, scaled by
-  ``255 * w >> 8``), and the scanline fill's 16.16 fixed-point edge crossings with its
-  round-half-up span ends (a span whose ends cross is drawn with its ends swapped, as SDL_gfx
-  does);
-* the blend of an anti-aliased pixel, ``d + ((c - d) * a >> 8)`` per channel with an
-  arithmetic shift (SDL_gfx's unsigned 32-bit expression reduces to this for 8-bit channels),
-  which also clears the unused top byte;
+  ``255 * w >> 8``, so even a full-weight edge pixel is blended at alpha 254), the blend
+  ``d + ((c - d) * a >> 8)`` per channel with an arithmetic shift (SDL_gfx's unsigned 32-bit
+  expression reduces to this for 8-bit channels; it also clears the unused top byte), and the
+  scanline fill's 16.16 fixed-point edge crossings with its round-half-up span ends (a span
+  whose ends cross is drawn with its ends swapped, as SDL_gfx does);
 * :func:`shrink_columns`: the vertical pass of ``transform.smoothscale`` (pygame-ce's
   ``filter_shrink_Y_SSE2``): a 16-bit accumulator per channel, the pixel at a destination
   boundary split by ``mulhi(src << 2, counter)``, the sum scaled by
-  ``mulhi(sum, 0x40000000 // space)`` and saturated to 8 bits. (The horizontal pass stays
-  pygame's: its SIMD loop over 1000-pixel rows is faster than a compiled scalar one, whose
-  9-10 pixel segments between boundaries do not vectorise.)
+  ``mulhi(sum, 0x40000000 // space)``. The horizontal pass stays pygame's: its SIMD loop over
+  1000-pixel rows is faster than a compiled scalar one, whose 9-10 pixel segments between
+  destination boundaries do not vectorise.
 
-Everything works on 32-bit ``XRGB8888`` pixels (``0x00RRGGBB``), the format of a plain
-``pygame.Surface`` on every platform pygame-ce supports. :func:`supported` says whether this
-module may be used: numba importable, smoothscale on its SSE2 backend and that pixel format.
+Everything works on 32-bit ``XRGB8888`` pixels (``0x00RRGGBB``, masks :data:`XRGB_MASKS`), the
+format of a plain ``pygame.Surface`` (callers check it). :func:`supported` says whether the
+module may be used at all: numba importable and smoothscale on the SSE2 backend it mirrors.
 The probes in ``tests/test_raster.py`` compare each primitive with pygame on many shapes, so a
 pygame-ce release that changes the arithmetic fails there before any frame differs.
 """
