@@ -11,6 +11,7 @@ import pygame
 import pytest
 from gymnasium.envs.box2d.car_racing import CarRacing
 
+from worldmodels import raster
 from worldmodels.carracing import (
     ENV_ID,
     UPSTREAM_SHA256,
@@ -79,6 +80,17 @@ def test_identical_off_playfield_termination() -> None:
 
 def test_identical_domain_randomize() -> None:
     assert_same_episode(7, random_actions(np.random.default_rng(7), 60), domain_randomize=True)
+
+
+def test_identical_on_the_pygame_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Without numba (or off smoothscale's SSE2 backend) the renderer uses pygame's primitives.
+    monkeypatch.setattr(raster, "supported", lambda: False)
+    env = FastCarRacing()
+    env.reset(seed=5)
+    env.step(np.zeros(3, np.float32))
+    assert env._pixels is None
+    env.close()
+    assert_same_episode(5, random_actions(np.random.default_rng(5), 80))
 
 
 def test_reset_twice_and_reuse() -> None:

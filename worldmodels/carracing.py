@@ -5,26 +5,35 @@ Speed-ups over gymnasium's renderer, each keeping every observation pixel identi
 * all grass/road polygons are rotated, translated and culled in one numpy pass, with the
   same float operations as ``pygame.math.Vector2.rotate_rad``;
 * polygons that cannot touch a pixel the observation depends on are not drawn;
-* a background polygon covering the whole view becomes ``Surface.fill``;
+* a background polygon covering the whole view becomes a fill;
+* the background, grass and road polygons are drawn by compiled, bit-exact copies of
+  ``gfxdraw.aapolygon`` + ``gfxdraw.filled_polygon`` (:mod:`worldmodels.raster`, numba);
 * after the vertical flip the HUD bar overwrites the bottom 100 rows, so the top 100 rows of
-  the unflipped surface are never needed; instead of flipping 1000x800 pixels we run the
-  (row-wise) horizontal pass of ``smoothscale`` first, flip 96-pixel rows, splice in the
-  shrunk HUD, and finish with the vertical pass;
-* persistent surfaces, and the HUD text rendered once per distinct reward string.
+  the unflipped surface are never needed: ``smoothscale``'s horizontal pass (pygame's SIMD
+  code) runs on the 700 kept rows and on the HUD strip, and a compiled copy of its vertical
+  pass reads them flipped and spliced, writing the observation array directly;
+* persistent surfaces, the HUD text rendered once per distinct reward string, and the HUD
+  font parsed from bytes held in memory.
 
-Frames the fast path cannot reproduce exactly (HUD bars reaching above the HUD strip,
-a display surface being open, ``human``/``rgb_array`` renders) use gymnasium's code.
+What stays pygame's own code, unchanged: the car (``Car.draw``, ``pygame.draw.polygon``),
+the HUD bars and text, and the horizontal ``smoothscale`` pass. Frames the fast path cannot
+reproduce exactly (HUD bars reaching above the HUD strip, a display surface being open,
+``human``/``rgb_array`` renders) use gymnasium's code; without numba, off smoothscale's SSE2
+backend, or for polygons the compiled primitives refuse, the polygons are drawn with gfxdraw.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
+import io
 import math
 from typing import Any
 
 import numpy as np
 import pygame
+import pygame.pkgdata
 from gymnasium.envs.box2d.car_dynamics import Car
 from gymnasium.envs.box2d.car_racing import (
     GRASS_DIM,
@@ -42,6 +51,7 @@ from gymnasium.envs.box2d.car_racing import (
 from pygame import gfxdraw, surfarray
 
 from worldmodels import FAST_CARRACING_ID as ENV_ID
+from worldmodels import raster
 
 VERIFIED_GYMNASIUM = "1.4.0"
 VERIFIED_PYGAME = "2.5.8"
@@ -126,6 +136,13 @@ _FIELD = np.array(
 )
 
 
+@functools.cache
+def _default_font_bytes() -> bytes:
+    """The file ``pygame.font.Font(pygame.font.get_default_font(), ...)`` reads, read once."""
+    with pygame.pkgdata.getResource(pygame.font.get_default_font()) as f:
+        return f.read()
+
+
 def _covers_view(xs: list[float], ys: list[float]) -> bool:
     """True if the convex quad holds every kept pixel with a margin, and fits gfxdraw's int16."""
     if max(map(abs, xs + ys)) > 32000:
@@ -145,7 +162,7 @@ def _covers_view(xs: list[float], ys: list[float]) -> bool:
 
 
 class FastCarRacing(CarRacing):
-    """gymnasium's CarRacing with identical dynamics and pixels, rendered ~4x faster."""
+    """gymnasium's CarRacing with identical dynamics and pixels, stepped ~6x faster (benchmarks/README.md)."""
 
     _track_key: tuple[int, int] | None = None
 
@@ -165,12 +182,17 @@ class FastCarRacing(CarRacing):
             self._shrunk_hud = pygame.Surface((STATE_W, WINDOW_H - _HUD_TOP))
             self._shrunk = pygame.Surface((STATE_W, WINDOW_H))
             self._texts: dict[str, tuple[pygame.Surface, pygame.Rect]] = {}
-            self._mapped: dict[tuple, int] = {}
+            self._mapped: dict[tuple, int | None] = {}
+            # The compiled rasteriser draws into the canvas through this (locked) view.
+            self._pixels = None
+            if raster.supported() and self._canvas.get_masks() == raster.XRGB_MASKS:
+                self._pixels = surfarray.pixels2d(self._canvas).T
 
     def _text(self) -> tuple[pygame.Surface, pygame.Rect]:
         label = f"{self.reward:04.0f}"
         if label not in self._texts:
-            font = pygame.font.Font(pygame.font.get_default_font(), 42)
+            # A new Font for each label, as upstream, but parsed from bytes held in memory.
+            font = pygame.font.Font(io.BytesIO(_default_font_bytes()), 42)
             text = font.render(label, True, (255, 255, 255), (0, 0, 0))
             rect = text.get_rect()
             rect.center = _TEXT_CENTER
@@ -179,13 +201,17 @@ class FastCarRacing(CarRacing):
             self._texts[label] = (text, rect)
         return self._texts[label]
 
-    def _mapped_color(self, color: Any) -> int:
-        """The pixel value gfxdraw writes for ``color`` on the canvas."""
+    def _mapped_color(self, color: Any) -> int | None:
+        """The pixel value gfxdraw writes for ``color`` on the canvas (None if not opaque)."""
         key = tuple(np.asarray(color).tolist())
         if key not in self._mapped:
-            probe = pygame.Surface((4, 4))
-            gfxdraw.filled_polygon(probe, [(0, 0), (3, 0), (3, 3), (0, 3)], color)
-            self._mapped[key] = probe.get_at_mapped((1, 1))
+            values = []
+            for background in (0, 0xFFFFFF):
+                probe = pygame.Surface((4, 4))
+                probe.fill(background)
+                gfxdraw.filled_polygon(probe, [(0, 0), (3, 0), (3, 3), (0, 3)], color)
+                values.append(probe.get_at_mapped((1, 1)))
+            self._mapped[key] = values[0] if values[0] == values[1] else None
         return self._mapped[key]
 
     def _hud_fits(self) -> bool:
@@ -220,8 +246,9 @@ class FastCarRacing(CarRacing):
         trans = (WINDOW_W / 2 + scroll[0], WINDOW_H / 4 + scroll[1])
 
         canvas = self._canvas
-        self._draw_field(canvas, zoom, trans, angle)
-        self._draw_polygons(canvas, zoom, trans, angle)
+        field, polys, ids = self._scene(zoom, trans, angle)
+        if not self._draw_compiled(field, polys, ids):
+            self._draw_pygame(canvas, field, polys, ids)
         car.draw(canvas, zoom, trans, angle, False)
 
         # The HUD is drawn by upstream code on its own surface; only its bottom strip is used.
@@ -233,25 +260,29 @@ class FastCarRacing(CarRacing):
         # smoothscale = horizontal pass per row, then vertical pass per column.
         pygame.transform.smoothscale(canvas.subsurface(_KEEP), self._shrunk_view.get_size(), self._shrunk_view)
         pygame.transform.smoothscale(self._hud.subsurface(_HUD), self._shrunk_hud.get_size(), self._shrunk_hud)
+        view = surfarray.pixels2d(self._shrunk_view).T
+        hud = surfarray.pixels2d(self._shrunk_hud).T
+        if self._pixels is not None:
+            return raster.shrink_columns(view, hud, STATE_H, flip_upper=True)
         shrunk = surfarray.pixels2d(self._shrunk)
-        shrunk[:, :_HUD_TOP] = surfarray.pixels2d(self._shrunk_view)[:, ::-1]
-        shrunk[:, _HUD_TOP:] = surfarray.pixels2d(self._shrunk_hud)
-        del shrunk
+        shrunk[:, :_HUD_TOP] = view[::-1].T
+        shrunk[:, _HUD_TOP:] = hud.T
+        del shrunk, view, hud
         scaled = pygame.transform.smoothscale(self._shrunk, (STATE_W, STATE_H))
         return np.transpose(np.array(surfarray.pixels3d(scaled)), axes=(1, 0, 2))
 
-    def _draw_field(self, canvas: pygame.Surface, zoom: float, trans: tuple, angle: float) -> None:
-        xs, ys = rotate(_FIELD[:, 0], _FIELD[:, 1], angle)
-        xs, ys = (xs * zoom + trans[0]).tolist(), (ys * zoom + trans[1]).tolist()
-        if _covers_view(xs, ys):
-            canvas.fill(self._mapped_color(self.bg_color), _KEEP)
-            return
-        canvas.fill(0)
-        points = list(zip(xs, ys))
-        gfxdraw.aapolygon(canvas, points, self.bg_color)
-        gfxdraw.filled_polygon(canvas, points, self.bg_color)
+    def _scene(self, zoom: float, trans: tuple, angle: float) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+        """What upstream draws that can reach the observation, in pixel coordinates.
 
-    def _draw_polygons(self, canvas: pygame.Surface, zoom: float, trans: tuple, angle: float) -> None:
+        Returns the background polygon (None when it is opaque and covers the whole view, so
+        a fill will do), the (n, 4, 2) grass and road polygons in drawing order, and their
+        indices into ``_polys`` (grass first, then ``road_poly``).
+        """
+        xs, ys = rotate(_FIELD[:, 0], _FIELD[:, 1], angle)
+        xs, ys = xs * zoom + trans[0], ys * zoom + trans[1]
+        field = np.stack([xs, ys], axis=-1)
+        if self._mapped_color(self.bg_color) is not None and _covers_view(xs.tolist(), ys.tolist()):
+            field = None
         if self._track_key != (id(self.road_poly), len(self.road_poly)):
             self._prepare_track()
         # Coarse cull on bounding circles, then exact per-vertex coordinates for the rest.
@@ -279,18 +310,49 @@ class FastCarRacing(CarRacing):
             & (ys.min(axis=1) <= WINDOW_H + _MARGIN)
         )
         drawn = np.flatnonzero(upstream & near)
-        points = np.stack([xs[drawn], ys[drawn]], axis=-1).tolist()
+        return field, np.stack([xs[drawn], ys[drawn]], axis=-1), candidates[drawn]
+
+    def _colors(self, ids: np.ndarray) -> list:
+        """The colours upstream passes to gfxdraw for the polygons ``ids``."""
         n_grass = len(_GRASS)
-        for i, poly in zip(candidates[drawn].tolist(), points):
-            if i < n_grass:
-                color = self.grass_color
-            else:
-                color = [int(c) for c in self._road_colors[i - n_grass]]
+        return [
+            self.grass_color if i < n_grass else [int(c) for c in self._road_colors[i - n_grass]]
+            for i in ids.tolist()
+        ]
+
+    def _draw_compiled(self, field: np.ndarray | None, polys: np.ndarray, ids: np.ndarray) -> bool:
+        """Draw the scene with the compiled primitives; False if it must go to pygame."""
+        background, grass = self._mapped_color(self.bg_color), self._mapped_color(self.grass_color)
+        if self._pixels is None or background is None or grass is None:
+            return False
+        n_grass = len(_GRASS)
+        mapped = np.full(len(ids) + (field is not None), grass, np.int64)
+        if field is not None:
+            polys = np.concatenate([field[None], polys])
+            mapped[0] = background
+        for k, i in enumerate(ids.tolist(), start=len(mapped) - len(ids)):
+            if i >= n_grass:
+                # gfxdraw maps an in-range (r, g, b) to 0x00RRGGBB on an XRGB8888 surface.
+                r, g, b = (int(c) for c in self._road_colors[i - n_grass])
+                if not (0 <= r < 256 and 0 <= g < 256 and 0 <= b < 256):
+                    return False
+                mapped[k] = (r << 16) | (g << 8) | b
+        fill = background if field is None else 0
+        return raster.draw_polygons(self._pixels, polys, mapped, _KEEP_TOP, fill)
+
+    def _draw_pygame(self, canvas: pygame.Surface, field: np.ndarray | None, polys: np.ndarray, ids: np.ndarray) -> None:
+        if field is None:
+            canvas.fill(self._mapped_color(self.bg_color), _KEEP)
+        else:
+            canvas.fill(0)
+            gfxdraw.aapolygon(canvas, field.tolist(), self.bg_color)
+            gfxdraw.filled_polygon(canvas, field.tolist(), self.bg_color)
+        for poly, color in zip(polys.tolist(), self._colors(ids)):
             gfxdraw.aapolygon(canvas, poly, color)
             gfxdraw.filled_polygon(canvas, poly, color)
 
     def close(self) -> None:
-        self._canvas = None
+        self._canvas = self._pixels = None
         super().close()
 
 
