@@ -32,12 +32,14 @@ import torch
 from torch import Tensor
 
 from worldmodels.config import CARRACING_MAX_STEPS, Config
-from worldmodels.controller import BatchedController, ControllerShape
+from worldmodels.controller import BatchedController, ControllerShape, load_controller, save_controller
+from worldmodels.data import dataset_episodes
 from worldmodels.evolution import Task, evolve
 from worldmodels.mdrnn import MDRNN, sample_next_z
 from worldmodels.parallel import InlineExecutor
-from worldmodels.runs import RunDir, as_run_dir, read_json, write_json
-from worldmodels.train import load_mdrnn
+from worldmodels.runs import RunDir, as_run_dir, read_json, save_npz, write_json
+from worldmodels.train import load_mdrnn, load_vae
+from worldmodels.vae import frames_to_tensor
 
 INITIAL_FRAME = 50
 """Dreams start from the latent of this frame of a real episode (after the zoom-in)."""
@@ -134,22 +136,66 @@ def dream_rollout(
 # --------------------------------------------------------------------------------------
 # Initial latents from the run
 # --------------------------------------------------------------------------------------
-def initial_latents(run: str | Path | RunDir, frame: int = INITIAL_FRAME) -> tuple[np.ndarray, np.ndarray]:
-    """``(mu, logvar)``, each (N, Z) float32: V's posterior at `frame` of every encoded episode.
+STARTS_FILE = "controller/dream_starts.npz"
+"""Where a run without encoded episodes (a shipped one) keeps its dreams' start latents."""
 
-    Episodes shorter than `frame` contribute their last frame.
+
+def initial_latents(run: str | Path | RunDir, frame: int = INITIAL_FRAME) -> tuple[np.ndarray, np.ndarray]:
+    """``(mu, logvar)``, each (N, Z) float32: V's posterior at `frame` of every episode of the dataset.
+
+    From the encoded episodes (``run/latents``) when there are any; else from
+    :data:`STARTS_FILE` (written by :func:`save_initial_latents`; a shipped run carries
+    it); else computed: the first ``frame + 1`` steps of every episode regenerated from
+    their seeds (:func:`worldmodels.data.dataset_episodes`) and encoded by the run's V,
+    rounded to float16 as the encode stage stores them (about a minute at the ``book``
+    scale). Episodes shorter than `frame` contribute their last frame.
     """
     run = as_run_dir(run)
     files = sorted(run.latents.glob("*.npz"))
-    if not files:
-        raise FileNotFoundError(f"{run.latents}: no latents; run the encode stage first")
+    if files:
+        mus, logvars = [], []
+        for f in files:
+            with np.load(f) as d:
+                t = min(frame, len(d["mu"]) - 1)
+                mus.append(np.asarray(d["mu"][t], np.float32))
+                logvars.append(np.asarray(d["logvar"][t], np.float32))
+        return np.stack(mus), np.stack(logvars)
+    starts = run.path / STARTS_FILE
+    if starts.exists():
+        with np.load(starts) as d:
+            if int(d["frame"]) == frame:
+                return d["mu"].astype(np.float32), d["logvar"].astype(np.float32)
+    return _encode_initial_frames(run, frame)
+
+
+@torch.no_grad()
+def _encode_initial_frames(run: RunDir, frame: int, chunk: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """V's posterior at `frame` of every episode, the episodes regenerated up to that frame."""
+    cfg = run.load_config()
+    if cfg is None:
+        raise FileNotFoundError(f"{run.path}: no latents, no {STARTS_FILE} and no config.json to regenerate them from")
+    vae = load_vae(run)
     mus, logvars = [], []
-    for f in files:
-        with np.load(f) as d:
-            t = min(frame, len(d["mu"]) - 1)
-            mus.append(np.asarray(d["mu"][t], np.float32))
-            logvars.append(np.asarray(d["logvar"][t], np.float32))
-    return np.stack(mus), np.stack(logvars)
+    for k in range(0, cfg.data.episodes, chunk):
+        episodes = dataset_episodes(cfg, run, range(k, min(k + chunk, cfg.data.episodes)), steps=frame + 1)
+        frames = np.stack([ep.obs[frame] if frame < len(ep) else ep.final_obs for ep in episodes])
+        mu, logvar = vae.encode(frames_to_tensor(frames))
+        mus.append(mu.half().float().numpy())
+        logvars.append(logvar.half().float().numpy())
+    return np.concatenate(mus), np.concatenate(logvars)
+
+
+def save_initial_latents(run: str | Path | RunDir, path: str | Path | None = None, frame: int = INITIAL_FRAME) -> Path:
+    """Write :func:`initial_latents` of `run` (float16, exactly as stored by the encode stage) to `path`.
+
+    `path` defaults to the run's :data:`STARTS_FILE`; :func:`worldmodels.pretrained.export`
+    writes it into a shipped run, so that dreams start without the dataset.
+    """
+    run = as_run_dir(run)
+    mu, logvar = initial_latents(run, frame)
+    path = Path(path) if path is not None else run.path / STARTS_FILE
+    save_npz(path, mu=mu.astype(np.float16), logvar=logvar.astype(np.float16), frame=np.int64(frame))
+    return path
 
 
 def initial_z_for_seeds(mu: np.ndarray, logvar: np.ndarray, seeds: np.ndarray) -> Tensor:
@@ -230,12 +276,13 @@ def train_controller_in_dream(
     Uses cfg.cma for the search (population, episodes_per_candidate, sigma0,
     generations, eval_every, eval_episodes, seed) and cfg.dream.max_steps for the
     length of a dream. Files in ``run/controller/``: ``dream_tau{tau}_es.pkl``,
-    ``_history.csv``, ``_best.safetensors``, ``_last.safetensors`` and ``dream.json``
-    (per tau: dream return, real mean and std). Runs at several temperatures may share a
-    run directory (the temperature is not checked against the recorded config).
+    ``_history.csv``, ``_best.safetensors``, ``_last.safetensors``, ``_done.json`` and
+    ``dream.json`` (per tau: dream return, real mean and std). Runs at several
+    temperatures may share a run directory (the temperature is not checked against the
+    recorded config). Once ``_done.json`` and ``_best.safetensors`` exist, it only loads
+    (a shipped run has no checkpoint), and evaluates in the real environment if that is
+    still missing.
     """
-    from worldmodels.controller import save_controller
-
     tau = check_temperature(cfg.dream.temperature)
     run = as_run_dir(run)
     recorded = run.load_config()
@@ -246,44 +293,49 @@ def train_controller_in_dream(
     summary = read_json(summary_path) if summary_path.exists() else {}
     key = f"{tau:g}"
 
-    shape = ControllerShape.from_config(cfg)
-    mdrnn = load_mdrnn(run).cpu().eval()
-    mu, logvar = initial_latents(run)
-    worker = DreamWorker(mdrnn, mu, logvar, shape, tau)
-    cma_cfg = dataclasses.replace(cfg.cma, max_steps=cfg.dream.max_steps, early_stop_steps=0)
-    population = cma_cfg.population * cma_cfg.episodes_per_candidate
+    done_path, best_path = out / f"{prefix}done.json", out / f"{prefix}best.safetensors"
+    if done_path.exists() and best_path.exists():  # finished, perhaps shipped without its checkpoint: load
+        done = read_json(done_path)
+        params, score, generation = load_controller(best_path).params, done["best_score"], done["generations"]
+    else:
+        shape = ControllerShape.from_config(cfg)
+        mu, logvar = initial_latents(run)
+        worker = DreamWorker(load_mdrnn(run).cpu().eval(), mu, logvar, shape, tau)
+        cma_cfg = dataclasses.replace(cfg.cma, max_steps=cfg.dream.max_steps, early_stop_steps=0)
+        population = cma_cfg.population * cma_cfg.episodes_per_candidate
 
-    def save(path: Path, params: np.ndarray, metadata: dict[str, str]) -> None:
-        save_controller(path, params, shape, {**metadata, "temperature": key})
+        def save(path: Path, params: np.ndarray, metadata: dict[str, str]) -> None:
+            save_controller(path, params, shape, {**metadata, "temperature": key})
 
-    result = evolve(
-        dream_task,
-        shape.n_params,
-        cma_cfg,
-        InlineExecutor(init=lambda: worker),
-        checkpoint_dir=out,
-        task_size=max(population, cma_cfg.eval_episodes),  # one batch of dreams per generation
-        max_generations=max_generations,
-        save_params=save,
-        prefix=prefix,
-        quiet=quiet,
-        desc=f"dream tau={key}",
-    )
+        result = evolve(
+            dream_task,
+            shape.n_params,
+            cma_cfg,
+            InlineExecutor(init=lambda: worker),
+            checkpoint_dir=out,
+            task_size=max(population, cma_cfg.eval_episodes),  # one batch of dreams per generation
+            max_generations=max_generations,
+            save_params=save,
+            prefix=prefix,
+            quiet=quiet,
+            desc=f"dream tau={key}",
+        )
+        params, score, generation = result.best_params, result.best_score, result.generation
+        if not result.finished:
+            return DreamResult(params, tau, score, None)
     entry = summary.get(key, {})
-    if not result.finished:
-        return DreamResult(result.best_params, tau, result.best_score, None)
     if evaluate_real and "real_mean" not in entry:
         from worldmodels.rollout import Agent, evaluate
 
         agent = Agent.from_run(run, cfg)
         seeds = [cfg.eval.seed + i for i in range(cfg.eval.episodes)]
         ev = evaluate(
-            agent, result.best_params, seeds, cfg.env, envs_per_batch=cfg.cma.envs_per_worker,
+            agent, params, seeds, cfg.env, envs_per_batch=cfg.cma.envs_per_worker,
             max_steps=real_max_steps, workers=cfg.cma.workers,
         )
         entry.update(real_mean=ev.mean, real_std=ev.std, real_episodes=len(seeds), real_max_steps=real_max_steps)
-    entry.update(temperature=tau, dream_return=result.best_score, generations=result.generation)
+    entry.update(temperature=tau, dream_return=score, generations=generation)
     summary[key] = entry
     write_json(summary_path, summary)
     real = {k: entry[k] for k in ("real_mean", "real_std", "real_episodes") if k in entry} or None
-    return DreamResult(result.best_params, tau, result.best_score, real)
+    return DreamResult(params, tau, score, real)

@@ -3,8 +3,11 @@
 A shipped run ``worldmodels/pretrained/NAME/`` has the layout of a run directory (so a
 chapter can copy it into ``runs/NAME`` and go on from there) with only what a reader
 needs: the config, V's, M's and C's weights (float16 where that does not change the
-score), the training metrics and the evaluation results, and ``manifest.json`` with the
-SHA-256 of every file, checked on load.
+score), the training metrics and the evaluation results, the dataset's manifest
+(per-episode seeds, lengths and returns), the start latents of the dreams and the
+results of training C in the dream, and ``manifest.json`` with the SHA-256 of every
+file, checked on load. The dataset itself is not shipped: any episode is regenerated
+from its seed when needed (:func:`worldmodels.data.dataset_episodes`).
 
 >>> import worldmodels as wm
 >>> book = wm.pretrained.load("book")          # doctest: +SKIP
@@ -32,15 +35,24 @@ WEIGHTS = ("vae/vae.safetensors", "mdrnn/mdrnn.safetensors", "controller/best.sa
 """Weight files, stored in float16 by :func:`export` when ``half`` is set (the controller never)."""
 RECORDS = (
     "config.json",
+    "data/manifest.json",
     "vae/done.json",
     "vae/metrics.csv",
     "mdrnn/done.json",
     "mdrnn/metrics.csv",
     "controller/done.json",
     "controller/history.csv",
+    "controller/dream.json",
+    "controller/dream_tau*_best.safetensors",
+    "controller/dream_tau*_done.json",
+    "controller/dream_tau*_history.csv",
     "eval/results.json",
 )
-"""Small files copied as they are; those a run does not have are left out."""
+"""Small files copied as they are (glob patterns: every match); those a run does not have are left out.
+
+The dream's files are those of every temperature the run trained at (no checkpoint: a
+finished dream run only loads, see :func:`worldmodels.dream.train_controller_in_dream`).
+"""
 
 
 class ChecksumError(RuntimeError):
@@ -128,8 +140,14 @@ def install(name: str, run: str | Path | RunDir, root: Path = ROOT) -> RunDir:
 def export(run: str | Path | RunDir, name: str, *, half: bool = True, root: Path = ROOT) -> Path:
     """Pack a finished run as shipped run `name`: weights (float16 when `half`), records, manifest.
 
-    The manifest is written last, so an interrupted export is never loadable.
+    Besides the files of :data:`WEIGHTS` and :data:`RECORDS`, it writes the dreams' start
+    latents (:func:`worldmodels.dream.save_initial_latents`: from the run's encoded
+    episodes, or regenerated from their seeds when the run has none, about a minute at
+    the ``book`` scale). The manifest is written last, so an interrupted export is never
+    loadable.
     """
+    from worldmodels.dream import STARTS_FILE, save_initial_latents
+
     run = as_run_dir(run)
     folder = Path(root) / name
     if folder.exists():
@@ -142,10 +160,13 @@ def export(run: str | Path | RunDir, name: str, *, half: bool = True, root: Path
         metadata = _metadata(run.path / rel)
         save_tensors(folder / rel, tensors, metadata)
         files.append(rel)
-    for rel in RECORDS:
-        if (run.path / rel).exists():
-            write_bytes(folder / rel, (run.path / rel).read_bytes())
+    for pattern in RECORDS:
+        for path in sorted(run.path.glob(pattern)):
+            rel = path.relative_to(run.path).as_posix()
+            write_bytes(folder / rel, path.read_bytes())
             files.append(rel)
+    save_initial_latents(run, folder / STARTS_FILE)
+    files.append(STARTS_FILE)
     write_json(folder / MANIFEST, {"name": name, "sha256": {rel: _sha256(folder / rel) for rel in files}})
     return folder
 
