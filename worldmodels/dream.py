@@ -17,6 +17,8 @@ call per step.
 animation (frames 0-49 show the track zooming in, which a controller never acts on).
 Episode and posterior noise are drawn from the dream's seed, so the same seed gives
 the same start for every candidate (common random numbers, as in the real environment).
+A run without the encoded dataset (a shipped one) keeps these start latents in a small
+file, :data:`STARTS_FILE`, so that dreams need neither the dataset nor its latents.
 """
 
 from __future__ import annotations
