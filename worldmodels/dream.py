@@ -38,7 +38,7 @@ from worldmodels.controller import BatchedController, ControllerShape, load_cont
 from worldmodels.data import dataset_episodes
 from worldmodels.evolution import Task, evolve
 from worldmodels.mdrnn import MDRNN, sample_next_z
-from worldmodels.parallel import InlineExecutor
+from worldmodels.parallel import InlineExecutor, one_torch_thread
 from worldmodels.runs import RunDir, as_run_dir, read_json, save_npz, write_json
 from worldmodels.train import load_mdrnn, load_vae
 from worldmodels.vae import frames_to_tensor
@@ -119,19 +119,23 @@ def dream_rollout(
     initial_z: Tensor,
     generator: torch.Generator | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Run B dreams to their end, dream b with controller b: returns (returns (B,), steps (B,))."""
-    z, h = env.reset(initial_z, generator)
-    returns = torch.zeros(len(z), dtype=torch.float64)
-    steps = torch.zeros(len(z), dtype=torch.int64)
-    uses_h = controller.shape.uses_h
-    for _ in range(env.max_steps):
-        alive = env.alive.clone()
-        actions = controller(z, h if uses_h else None)
-        z, reward, done, h = env.step(actions)
-        returns += reward.double()
-        steps += alive.long()
-        if bool(done.all()):
-            break
+    """Run B dreams to their end, dream b with controller b: returns (returns (B,), steps (B,)).
+
+    Torch runs on one thread meanwhile (:func:`~worldmodels.parallel.one_torch_thread`).
+    """
+    with one_torch_thread():
+        z, h = env.reset(initial_z, generator)
+        returns = torch.zeros(len(z), dtype=torch.float64)
+        steps = torch.zeros(len(z), dtype=torch.int64)
+        uses_h = controller.shape.uses_h
+        for _ in range(env.max_steps):
+            alive = env.alive.clone()
+            actions = controller(z, h if uses_h else None)
+            z, reward, done, h = env.step(actions)
+            returns += reward.double()
+            steps += alive.long()
+            if bool(done.all()):
+                break
     return returns.numpy(), steps.numpy()
 
 
