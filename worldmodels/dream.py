@@ -157,7 +157,7 @@ def initial_latents(run: str | Path | RunDir, frame: int = INITIAL_FRAME) -> tup
     scale). Episodes shorter than `frame` contribute their last frame.
     """
     run = as_run_dir(run)
-    files = sorted(run.latents.glob("*.npz"))
+    files = sorted((run.path / "latents").glob("*.npz"))
     if files:
         mus, logvars = [], []
         for f in files:
