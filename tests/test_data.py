@@ -15,15 +15,22 @@ from worldmodels.data import (
     RandomPolicy,
     SequenceDataset,
     collect,
+    dataset_episodes,
+    episode_files,
+    episode_index,
     episode_path,
+    held_out_episodes,
     load_episode,
+    needs_dataset,
+    policy_actions,
     policy_rngs,
     read_manifest,
     save_episode,
     split_episodes,
+    split_indices,
 )
 from worldmodels.env import make_env
-from worldmodels.runs import RunDirError
+from worldmodels.runs import RunDirError, write_json
 
 
 def tiny(**overrides):
@@ -198,6 +205,91 @@ def test_uniform_policy_collection(tmp_path):
     ep = load_episode(episode_path(tmp_path / "data", 0))
     steer = ep.action[:, 0]
     assert abs(np.corrcoef(steer[:-1], steer[1:])[0, 1]) < 0.4
+
+
+# --- episodes without the dataset on disk -----------------------------------------------------
+
+
+def _npz_arrays(path):
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files}
+
+
+def test_regenerated_episodes_are_bit_identical_to_the_collected_files(tmp_path, tiny_run):
+    cfg = tiny()
+    order = [3, 0, 2, 1]  # other vectors of environments than collect's [0, 1], [2, 3]
+    regenerated = dataset_episodes(cfg, tmp_path / "no-data", order)
+    assert not (tmp_path / "no-data").exists()  # nothing written
+    for i, ep in zip(order, regenerated):
+        save_episode(tmp_path / f"episode_{i:06d}.npz", ep)
+        collected = _npz_arrays(episode_path(tiny_run / "data", i))
+        again = _npz_arrays(tmp_path / f"episode_{i:06d}.npz")
+        assert again.keys() == collected.keys()
+        for key, value in collected.items():
+            assert again[key].dtype == value.dtype and again[key].shape == value.shape, key
+            np.testing.assert_array_equal(again[key], value, err_msg=f"episode {i}, {key}")
+
+
+def test_dataset_episodes_read_the_files_when_they_are_there(tiny_run, monkeypatch):
+    import worldmodels.data as data_module
+
+    def no_driving(*args, **kwargs):
+        raise AssertionError("regenerated although the file is on disk")
+
+    monkeypatch.setattr(data_module, "_drive_group", no_driving)
+    (ep,) = dataset_episodes(tiny(), tiny_run, [2])
+    np.testing.assert_array_equal(ep.obs, load_episode(episode_path(tiny_run / "data", 2)).obs)
+    with pytest.raises(IndexError, match="episode 4"):
+        dataset_episodes(tiny(), tiny_run, [4])
+    with pytest.raises(RunDirError, match="data.episode_steps"):
+        dataset_episodes(tiny(**{"data.episode_steps": 30}), tiny_run, [0])
+
+
+def test_the_first_steps_of_an_episode_are_the_same_cut_from_the_file_or_regenerated(tmp_path, tiny_run):
+    cfg = tiny()
+    (cut,) = dataset_episodes(cfg, tiny_run, [1], steps=20)
+    (short,) = dataset_episodes(cfg, tmp_path, [1], steps=20)
+    full = load_episode(episode_path(tiny_run / "data", 1))
+    assert len(cut) == len(short) == 20 and cut.truncated[-1] and not cut.truncated[:-1].any()
+    for key in ("obs", "action", "reward", "terminated", "truncated", "final_obs"):
+        np.testing.assert_array_equal(getattr(cut, key), getattr(short, key), err_msg=key)
+    np.testing.assert_array_equal(short.final_obs, full.obs[20])
+    assert full.head(1000) is full
+
+
+def test_held_out_episodes_are_the_test_split_of_v_and_m(tmp_path, tiny_run):
+    cfg = tiny(**{"data.episodes": 10, "data.test_fraction": 0.2})
+    train, test = split_indices(cfg)
+    train_files, test_files = split_episodes([episode_path(tmp_path, i) for i in range(10)], 0.2, cfg.train_seed)
+    assert test == [episode_index(f) for f in test_files] and train == [episode_index(f) for f in train_files]
+    assert sorted(train + test) == list(range(10)) and len(test) == 2
+    (first,) = held_out_episodes(cfg, tmp_path, 1, steps=3)
+    assert first.seed == cfg.data.seed + test[0] and len(first) == 3
+    test_file = split_episodes(episode_files(tiny_run / "data"), 0.1, 0)[1][0]
+    (ep,) = held_out_episodes(tiny(), tiny_run, 1)
+    assert ep.seed == load_episode(test_file).seed
+
+
+def test_policy_actions_are_the_recorded_ones_without_driving(tiny_run):
+    cfg = tiny()
+    manifest = read_manifest(tiny_run)
+    steps = [r["steps"] for r in manifest["per_episode"]]
+    actions = policy_actions(cfg.data, range(cfg.data.episodes), steps)
+    for i, a in enumerate(actions):
+        recorded = load_episode(episode_path(tiny_run / "data", i)).action
+        assert a.dtype == recorded.dtype
+        np.testing.assert_array_equal(a, recorded)
+    assert [len(a) for a in policy_actions(cfg.data, [2, 0], [5, 7])] == [5, 7]
+    np.testing.assert_array_equal(policy_actions(cfg.data, [2], [5])[0], actions[2][:5])
+    assert [r["bytes"] for r in manifest["per_episode"]] == [f.stat().st_size for f in episode_files(tiny_run / "data")]
+
+
+def test_the_dataset_is_needed_until_v_and_m_are_trained(tmp_path):
+    assert needs_dataset(tmp_path)
+    write_json(tmp_path / "vae" / "done.json", {})
+    assert needs_dataset(tmp_path)
+    write_json(tmp_path / "mdrnn" / "done.json", {})
+    assert not needs_dataset(tmp_path)
 
 
 # --- readers ---------------------------------------------------------------------------------

@@ -121,7 +121,40 @@ def test_initial_latents_and_dream_task(tmp_path):
     np.testing.assert_array_equal(dream_task(worker, validate[0]), dream_task(worker, validate[1]))
 
 
-def test_train_controller_in_dream_tiny(tmp_path):
+def test_initial_latents_come_from_the_latents_a_starts_file_or_regenerated_episodes(tmp_path):
+    from worldmodels.data import collect
+    from worldmodels.dream import STARTS_FILE, save_initial_latents
+    from worldmodels.runs import write_json
+    from worldmodels.train import encode
+    from worldmodels.vae import VAE
+
+    cfg = preset("tiny", **{"data.workers": 1})
+    encoded, bare = RunDir(tmp_path / "encoded"), RunDir(tmp_path / "bare")
+    torch.manual_seed(0)
+    weights = VAE(cfg.vae.z_size).state_dict()
+    for run in (encoded, bare):
+        run.bind(cfg)
+        save_tensors(run.vae / "vae.safetensors", weights)
+    collect(cfg, encoded, quiet=True)
+    write_json(encoded.vae / "done.json", {"best_step": 0})
+    encode(cfg, encoded, quiet=True)
+    mu, logvar = initial_latents(encoded)
+    assert mu.shape == logvar.shape == (cfg.data.episodes, cfg.vae.z_size)
+
+    regenerated = initial_latents(bare)  # no data, no latents: episodes driven again up to frame 50
+    np.testing.assert_allclose(regenerated[0], mu, rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(regenerated[1], logvar, rtol=2e-3, atol=2e-3)
+    assert not list((bare.path / "data").glob("*.npz")) and not list(bare.latents.glob("*.npz"))
+
+    path = save_initial_latents(bare)
+    assert path == bare.path / STARTS_FILE
+    save_tensors(bare.vae / "vae.safetensors", VAE(cfg.vae.z_size).state_dict())  # now only the file can give them
+    for a, b in zip(initial_latents(bare), regenerated):
+        np.testing.assert_array_equal(a, b)
+    assert not np.allclose(initial_latents(bare, frame=10)[0], regenerated[0])  # another frame: computed
+
+
+def test_train_controller_in_dream_tiny(tmp_path, monkeypatch):
     from worldmodels.controller import load_controller
     from worldmodels.runs import read_json
     from worldmodels.vae import VAE
@@ -161,3 +194,12 @@ def test_train_controller_in_dream_tiny(tmp_path):
     assert (run.controller / "dream_tau0.5_best.safetensors").exists()
     assert res2.dream_return != res.dream_return  # another temperature, other dreams
     assert res2.real is None and "real_mean" not in read_json(run.controller / "dream.json")["0.5"]
+
+    # Finished: only loads, even without the checkpoint (a shipped run has none).
+    import worldmodels.dream as dream_module
+
+    (run.controller / "dream_tau1.15_es.pkl").unlink()
+    monkeypatch.setattr(dream_module, "evolve", lambda *a, **k: pytest.fail("trained again"))
+    again = train_controller_in_dream(cfg, run, quiet=True, real_max_steps=10)
+    np.testing.assert_array_equal(again.params, res.params)
+    assert again.dream_return == res.dream_return and again.real == res.real

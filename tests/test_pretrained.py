@@ -48,6 +48,36 @@ def test_export_load_round_trip_in_float16(tmp_path, finished_run):
     assert torch.allclose(z16, z32, atol=2e-2) and not torch.equal(z16, z32)
 
 
+def test_export_ships_what_the_chapters_need_without_the_dataset(tmp_path, finished_run):
+    from worldmodels.dream import STARTS_FILE, initial_latents
+
+    run, params = finished_run
+    manifest = {"episodes": CFG.data.episodes, "per_episode": [{"index": 0, "steps": 60, "return": -3.5}]}
+    write_json(run.data / "manifest.json", manifest)
+    shape = ControllerShape.from_config(CFG)
+    save_controller(run.controller / "dream_tau1.15_best.safetensors", params, shape, {"temperature": "1.15"})
+    write_json(run.controller / "dream_tau1.15_done.json", {"generations": 2, "best_score": 5.0, "best_generation": 1})
+    (run.controller / "dream_tau1.15_history.csv").write_text("generation,fitness_mean\n0,1.0\n")
+    (run.controller / "dream_tau1.15_es.pkl").write_bytes(b"a run-local pickle")
+    write_json(run.controller / "dream.json", {"1.15": {"dream_return": 5.0, "real_mean": 1.0}})
+
+    folder = pretrained.export(run, "tiny", root=tmp_path / "shipped")
+    shipped = set(json.loads((folder / pretrained.MANIFEST).read_text())["sha256"])
+    assert {
+        "data/manifest.json", "controller/dream.json", "controller/dream_tau1.15_best.safetensors",
+        "controller/dream_tau1.15_done.json", "controller/dream_tau1.15_history.csv", STARTS_FILE,
+    } <= shipped
+    assert not [f for f in folder.rglob("*") if f.suffix == ".pkl"] and "controller/dream_tau1.15_es.pkl" not in shipped
+    assert json.loads((folder / "data" / "manifest.json").read_text()) == manifest
+
+    # The run has neither data nor latents: the dreams' starts were regenerated from the seeds.
+    target = pretrained.install("tiny", tmp_path / "copy", root=tmp_path / "shipped")
+    starts = initial_latents(target)
+    assert starts[0].shape == (CFG.data.episodes, CFG.vae.z_size) and not list(target.latents.glob("*.npz"))
+    for a, b in zip(starts, initial_latents(run)):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_a_changed_or_missing_file_fails_the_checksum_naming_it(tmp_path, finished_run):
     run, _ = finished_run
     root = tmp_path / "shipped"

@@ -19,6 +19,11 @@ So the frame that follows action t is ``obs[t + 1]`` (``final_obs`` for the last
 ``manifest.json`` beside the episodes records the config, the seeds, the package
 versions and per-episode counts.
 
+Every episode is reproducible from its seed: episode i is driven on the track of seed
+``data.seed + i`` by a policy whose random stream depends only on that seed, so
+:func:`dataset_episodes` can hand out any episode without the files, regenerated
+bit-identically, and :func:`policy_actions` recomputes the actions alone without driving.
+
 Which random policy? The authors' dataset came from a random linear controller on
 untrained V and M features, whose actions change smoothly over time; the presets use the
 Brownian policy, a(t+1) = clip(a(t) + sqrt(dt) N(0, 1)), which shares that property
@@ -134,9 +139,31 @@ class Episode:
         """The episode really ended after action t (time-limit truncation is not an end)."""
         return self.terminated
 
+    def head(self, steps: int) -> Episode:
+        """The first `steps` actions, as a collection with ``episode_steps=steps`` records them.
+
+        The cut is a truncation (``truncated[-1]`` set) and the frame after the last kept
+        action becomes ``final_obs``; an episode no longer than `steps` is returned as it is.
+        """
+        if steps < 1:
+            raise ValueError(f"steps must be at least 1, got {steps}")
+        if steps >= len(self):
+            return self
+        truncated = self.truncated[:steps].copy()
+        truncated[-1] = True
+        return Episode(
+            obs=self.obs[:steps], action=self.action[:steps], reward=self.reward[:steps],
+            terminated=self.terminated[:steps], truncated=truncated, final_obs=self.obs[steps], seed=self.seed,
+        )
+
 
 def episode_path(data_dir: str | Path, index: int) -> Path:
     return Path(data_dir) / f"episode_{index:06d}.npz"
+
+
+def episode_index(path: str | Path) -> int:
+    """The index of an episode file: 123 for ``episode_000123.npz``."""
+    return int(Path(path).stem.split("_")[1])
 
 
 def save_episode(path: str | Path, ep: Episode) -> None:
@@ -200,21 +227,32 @@ def split_episodes(files: Sequence[Path], test_fraction: float, seed: int = 0) -
     return train, test
 
 
+def split_indices(cfg: Config) -> tuple[list[int], list[int]]:
+    """Episode indices (train, test) of the config's dataset: the split V and M train and test on.
+
+    The same as :func:`split_episodes` over the files ``collect`` writes, without needing them.
+    """
+    names = [episode_path("", i) for i in range(cfg.data.episodes)]
+    train, test = split_episodes(names, cfg.data.test_fraction, cfg.train_seed)
+    return [episode_index(f) for f in train], [episode_index(f) for f in test]
+
+
 # --- collection --------------------------------------------------------------------------
 
 
-def _collect_group(env_cfg: EnvConfig, data_cfg: DataConfig, data_dir: str, indices: list[int]) -> list[Path]:
-    """Run one vector of environments in lockstep, one episode each, and write the episode files.
+def _drive_group(env_cfg: EnvConfig, data_cfg: DataConfig, indices: Sequence[int], steps: int | None = None) -> list[Episode]:
+    """Drive one vector of environments in lockstep, one episode each (episode i on seed data.seed + i).
 
-    The policy acts for the whole vector each step (so each episode's actions depend only
-    on its seed); an environment that has ended is no longer stepped.
+    The policy acts for the whole vector each step, but each episode's actions depend only
+    on its seed; an environment that has ended is no longer stepped. Episodes stop after
+    `steps` actions (``data_cfg.episode_steps`` when None).
     """
     n = len(indices)
     seeds = [data_cfg.seed + i for i in indices]
     envs = [make_env(env_cfg) for _ in range(n)]
     policy = RandomPolicy(data_cfg.policy, policy_rngs(seeds), data_cfg.brownian_dt)
     obs = np.stack([env.reset(seed=seed)[0] for env, seed in zip(envs, seeds)])
-    T = data_cfg.episode_steps
+    T = data_cfg.episode_steps if steps is None else min(steps, data_cfg.episode_steps)
     buf = {
         "obs": np.zeros((n, T, *obs.shape[1:]), np.uint8),
         "action": np.zeros((n, T, 3), np.float32),
@@ -237,10 +275,16 @@ def _collect_group(env_cfg: EnvConfig, data_cfg: DataConfig, data_dir: str, indi
             break
     for env in envs:
         env.close()
+    return [
+        Episode(**{k: v[j, : length[j]] for k, v in buf.items()}, final_obs=obs[j].copy(), seed=seeds[j])
+        for j in range(n)
+    ]
+
+
+def _collect_group(env_cfg: EnvConfig, data_cfg: DataConfig, data_dir: str, indices: list[int]) -> list[Path]:
+    """Drive one vector of environments (:func:`_drive_group`) and write the episode files."""
     out = []
-    for j, index in enumerate(indices):
-        L = length[j]
-        ep = Episode(**{k: v[j, :L] for k, v in buf.items()}, final_obs=obs[j].copy(), seed=seeds[j])
+    for index, ep in zip(indices, _drive_group(env_cfg, data_cfg, indices)):
         out.append(episode_path(data_dir, index))
         save_episode(out[-1], ep)
     return out
@@ -254,12 +298,13 @@ def _record_from_file(path: Path) -> dict:
     except _DAMAGED_NPZ as e:
         raise EpisodeError(f"{path}: corrupt or truncated episode file ({type(e).__name__}: {e})") from e
     return {
-        "index": int(path.stem.split("_")[1]),
+        "index": episode_index(path),
         "file": path.name,
         "seed": seed,
         "steps": len(reward),
         "return": float(reward.sum()),
         "terminated": bool(terminated[-1]),
+        "bytes": path.stat().st_size,
     }
 
 
@@ -342,6 +387,81 @@ def read_manifest(run: str | Path | RunDir) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no manifest; collect the data first")
     return json.loads(path.read_text())
+
+
+# --- a few episodes, with or without the dataset on disk ------------------------------------
+
+
+DATASET_STAGES = ("vae", "mdrnn")
+"""The stages that read the whole dataset: V trains on its frames, M on its encoded episodes."""
+
+
+def needs_dataset(run: str | Path | RunDir) -> bool:
+    """Whether a stage that reads the whole dataset (V or M) is unfinished in `run`.
+
+    When both are finished (a shipped run, for instance), nothing needs ``run/data``: a
+    chapter that only looks at some episodes gets them from :func:`dataset_episodes`.
+    """
+    path = as_run_dir(run).path
+    return not all((path / stage / "done.json").exists() for stage in DATASET_STAGES)
+
+
+def dataset_episodes(
+    cfg: Config, run: str | Path | RunDir, indices: Sequence[int], *, steps: int | None = None
+) -> list[Episode]:
+    """Episodes `indices` of the run's dataset: read from ``run/data``, or regenerated from their seeds.
+
+    An episode whose file is not on disk is driven again in memory through the code that
+    :func:`collect` runs (episode i on the track of seed ``cfg.data.seed + i``, with a
+    policy whose random stream depends only on that seed), so it is bit-identical to the
+    file ``collect`` writes; nothing is written. With `steps`, each episode stops after
+    its first `steps` actions (:meth:`Episode.head`), which makes regenerating cheap when
+    only the first frames matter. A damaged file raises :class:`EpisodeError`, or, with
+    ``cfg.data.skip_corrupt``, is regenerated with a warning.
+
+    Regenerating costs about as much as collecting: some 500 steps per second per core.
+    """
+    if steps is not None and steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    run = as_run_dir(run)
+    if run.config_path.exists():
+        run.bind(cfg)  # the files on disk must belong to this config
+    for i in indices:
+        if not 0 <= i < cfg.data.episodes:
+            raise IndexError(f"episode {i} is not in the dataset of {cfg.data.episodes} episodes")
+    found: dict[int, Episode] = {}
+    for i in indices:
+        path = episode_path(run.path / "data", i)
+        ep = load_or_skip(path, cfg.data.skip_corrupt) if path.exists() else None
+        if ep is not None:
+            found[i] = ep if steps is None else ep.head(steps)
+    missing = [i for i in dict.fromkeys(indices) if i not in found]
+    per = cfg.data.envs_per_worker
+    for k in range(0, len(missing), per):
+        group = missing[k : k + per]
+        found.update(zip(group, _drive_group(cfg.env, cfg.data, group, steps)))
+    return [found[i] for i in indices]
+
+
+def held_out_episodes(cfg: Config, run: str | Path | RunDir, n: int, *, steps: int | None = None) -> list[Episode]:
+    """The first `n` episodes of the test split (:func:`split_indices`), as :func:`dataset_episodes` gives them."""
+    return dataset_episodes(cfg, run, split_indices(cfg)[1][:n], steps=steps)
+
+
+def policy_actions(data_cfg: DataConfig, indices: Sequence[int], steps: Sequence[int]) -> list[np.ndarray]:
+    """The recorded actions (steps[j], 3) of episodes `indices`, without driving them.
+
+    The random policy never looks at the frames and each episode's random stream depends
+    only on its seed, so its actions follow from the seed and the episode's length alone
+    (``steps`` from the manifest's ``per_episode`` records).
+    """
+    if len(indices) != len(steps):
+        raise ValueError(f"{len(indices)} indices but {len(steps)} lengths")
+    policy = RandomPolicy(data_cfg.policy, policy_rngs([data_cfg.seed + i for i in indices]), data_cfg.brownian_dt)
+    actions = np.zeros((len(indices), max(steps, default=0), 3), np.float32)
+    for t in range(actions.shape[1]):
+        actions[:, t] = policy()
+    return [actions[j, :s] for j, s in enumerate(steps)]
 
 
 # --- readers -----------------------------------------------------------------------------

@@ -17,6 +17,8 @@ call per step.
 animation (frames 0-49 show the track zooming in, which a controller never acts on).
 Episode and posterior noise are drawn from the dream's seed, so the same seed gives
 the same start for every candidate (common random numbers, as in the real environment).
+A run without the encoded dataset (a shipped one) keeps these start latents in a small
+file, :data:`STARTS_FILE`, so that dreams need neither the dataset nor its latents.
 """
 
 from __future__ import annotations
@@ -32,12 +34,14 @@ import torch
 from torch import Tensor
 
 from worldmodels.config import CARRACING_MAX_STEPS, Config
-from worldmodels.controller import BatchedController, ControllerShape
-from worldmodels.evolution import Task, evolve
+from worldmodels.controller import BatchedController, ControllerShape, load_controller, save_controller
+from worldmodels.data import dataset_episodes
+from worldmodels.evolution import Task, evolve, is_finished
 from worldmodels.mdrnn import MDRNN, sample_next_z
-from worldmodels.parallel import InlineExecutor
-from worldmodels.runs import RunDir, as_run_dir, read_json, write_json
-from worldmodels.train import load_mdrnn
+from worldmodels.parallel import InlineExecutor, one_torch_thread
+from worldmodels.runs import RunDir, as_run_dir, read_json, save_npz, write_json
+from worldmodels.train import load_mdrnn, load_vae
+from worldmodels.vae import frames_to_tensor
 
 INITIAL_FRAME = 50
 """Dreams start from the latent of this frame of a real episode (after the zoom-in)."""
@@ -115,41 +119,89 @@ def dream_rollout(
     initial_z: Tensor,
     generator: torch.Generator | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Run B dreams to their end, dream b with controller b: returns (returns (B,), steps (B,))."""
-    z, h = env.reset(initial_z, generator)
-    returns = torch.zeros(len(z), dtype=torch.float64)
-    steps = torch.zeros(len(z), dtype=torch.int64)
-    uses_h = controller.shape.uses_h
-    for _ in range(env.max_steps):
-        alive = env.alive.clone()
-        actions = controller(z, h if uses_h else None)
-        z, reward, done, h = env.step(actions)
-        returns += reward.double()
-        steps += alive.long()
-        if bool(done.all()):
-            break
+    """Run B dreams to their end, dream b with controller b: returns (returns (B,), steps (B,)).
+
+    Torch runs on one thread meanwhile (:func:`~worldmodels.parallel.one_torch_thread`).
+    """
+    with one_torch_thread():
+        z, h = env.reset(initial_z, generator)
+        returns = torch.zeros(len(z), dtype=torch.float64)
+        steps = torch.zeros(len(z), dtype=torch.int64)
+        uses_h = controller.shape.uses_h
+        for _ in range(env.max_steps):
+            alive = env.alive.clone()
+            actions = controller(z, h if uses_h else None)
+            z, reward, done, h = env.step(actions)
+            returns += reward.double()
+            steps += alive.long()
+            if bool(done.all()):
+                break
     return returns.numpy(), steps.numpy()
 
 
 # --------------------------------------------------------------------------------------
 # Initial latents from the run
 # --------------------------------------------------------------------------------------
-def initial_latents(run: str | Path | RunDir, frame: int = INITIAL_FRAME) -> tuple[np.ndarray, np.ndarray]:
-    """``(mu, logvar)``, each (N, Z) float32: V's posterior at `frame` of every encoded episode.
+STARTS_FILE = "controller/dream_starts.npz"
+"""Where a run without encoded episodes (a shipped one) keeps its dreams' start latents."""
 
-    Episodes shorter than `frame` contribute their last frame.
+
+def initial_latents(run: str | Path | RunDir, frame: int = INITIAL_FRAME) -> tuple[np.ndarray, np.ndarray]:
+    """``(mu, logvar)``, each (N, Z) float32: V's posterior at `frame` of every episode of the dataset.
+
+    From the encoded episodes (``run/latents``) when there are any; else from
+    :data:`STARTS_FILE` (written by :func:`save_initial_latents`; a shipped run carries
+    it); else computed: the first ``frame + 1`` steps of every episode regenerated from
+    their seeds (:func:`worldmodels.data.dataset_episodes`) and encoded by the run's V,
+    rounded to float16 as the encode stage stores them (about a minute at the ``book``
+    scale). Episodes shorter than `frame` contribute their last frame.
     """
     run = as_run_dir(run)
-    files = sorted(run.latents.glob("*.npz"))
-    if not files:
-        raise FileNotFoundError(f"{run.latents}: no latents; run the encode stage first")
+    files = sorted((run.path / "latents").glob("*.npz"))
+    if files:
+        mus, logvars = [], []
+        for f in files:
+            with np.load(f) as d:
+                t = min(frame, len(d["mu"]) - 1)
+                mus.append(np.asarray(d["mu"][t], np.float32))
+                logvars.append(np.asarray(d["logvar"][t], np.float32))
+        return np.stack(mus), np.stack(logvars)
+    starts = run.path / STARTS_FILE
+    if starts.exists():
+        with np.load(starts) as d:
+            if int(d["frame"]) == frame:
+                return d["mu"].astype(np.float32), d["logvar"].astype(np.float32)
+    return _encode_initial_frames(run, frame)
+
+
+@torch.no_grad()
+def _encode_initial_frames(run: RunDir, frame: int, chunk: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """V's posterior at `frame` of every episode, the episodes regenerated up to that frame."""
+    cfg = run.load_config()
+    if cfg is None:
+        raise FileNotFoundError(f"{run.path}: no latents, no {STARTS_FILE} and no config.json to regenerate them from")
+    vae = load_vae(run)
     mus, logvars = [], []
-    for f in files:
-        with np.load(f) as d:
-            t = min(frame, len(d["mu"]) - 1)
-            mus.append(np.asarray(d["mu"][t], np.float32))
-            logvars.append(np.asarray(d["logvar"][t], np.float32))
-    return np.stack(mus), np.stack(logvars)
+    for k in range(0, cfg.data.episodes, chunk):
+        episodes = dataset_episodes(cfg, run, range(k, min(k + chunk, cfg.data.episodes)), steps=frame + 1)
+        frames = np.stack([ep.obs[frame] if frame < len(ep) else ep.final_obs for ep in episodes])
+        mu, logvar = vae.encode(frames_to_tensor(frames))
+        mus.append(mu.half().float().numpy())
+        logvars.append(logvar.half().float().numpy())
+    return np.concatenate(mus), np.concatenate(logvars)
+
+
+def save_initial_latents(run: str | Path | RunDir, path: str | Path | None = None, frame: int = INITIAL_FRAME) -> Path:
+    """Write :func:`initial_latents` of `run` (float16, exactly as stored by the encode stage) to `path`.
+
+    `path` defaults to the run's :data:`STARTS_FILE`; :func:`worldmodels.pretrained.export`
+    writes it into a shipped run, so that dreams start without the dataset.
+    """
+    run = as_run_dir(run)
+    mu, logvar = initial_latents(run, frame)
+    path = Path(path) if path is not None else run.path / STARTS_FILE
+    save_npz(path, mu=mu.astype(np.float16), logvar=logvar.astype(np.float16), frame=np.int64(frame))
+    return path
 
 
 def initial_z_for_seeds(mu: np.ndarray, logvar: np.ndarray, seeds: np.ndarray) -> Tensor:
@@ -230,12 +282,13 @@ def train_controller_in_dream(
     Uses cfg.cma for the search (population, episodes_per_candidate, sigma0,
     generations, eval_every, eval_episodes, seed) and cfg.dream.max_steps for the
     length of a dream. Files in ``run/controller/``: ``dream_tau{tau}_es.pkl``,
-    ``_history.csv``, ``_best.safetensors``, ``_last.safetensors`` and ``dream.json``
-    (per tau: dream return, real mean and std). Runs at several temperatures may share a
-    run directory (the temperature is not checked against the recorded config).
+    ``_history.csv``, ``_best.safetensors``, ``_last.safetensors``, ``_done.json`` and
+    ``dream.json`` (per tau: dream return, real mean and std). Runs at several
+    temperatures may share a run directory (the temperature is not checked against the
+    recorded config). Once ``_done.json`` and ``_best.safetensors`` exist, it only loads
+    (a shipped run has no checkpoint), and evaluates in the real environment if that is
+    still missing.
     """
-    from worldmodels.controller import save_controller
-
     tau = check_temperature(cfg.dream.temperature)
     run = as_run_dir(run)
     recorded = run.load_config()
@@ -246,32 +299,37 @@ def train_controller_in_dream(
     summary = read_json(summary_path) if summary_path.exists() else {}
     key = f"{tau:g}"
 
-    shape = ControllerShape.from_config(cfg)
-    mdrnn = load_mdrnn(run).cpu().eval()
-    mu, logvar = initial_latents(run)
-    worker = DreamWorker(mdrnn, mu, logvar, shape, tau)
     cma_cfg = dataclasses.replace(cfg.cma, max_steps=cfg.dream.max_steps, early_stop_steps=0)
-    population = cma_cfg.population * cma_cfg.episodes_per_candidate
+    if is_finished(out, cma_cfg, prefix):  # finished, perhaps shipped without its checkpoint: load
+        done = read_json(out / f"{prefix}done.json")
+        params = load_controller(out / f"{prefix}best.safetensors").params
+        score, generation = done["best_score"], done["generations"]
+    else:
+        shape = ControllerShape.from_config(cfg)
+        mu, logvar = initial_latents(run)
+        worker = DreamWorker(load_mdrnn(run).cpu().eval(), mu, logvar, shape, tau)
+        population = cma_cfg.population * cma_cfg.episodes_per_candidate
 
-    def save(path: Path, params: np.ndarray, metadata: dict[str, str]) -> None:
-        save_controller(path, params, shape, {**metadata, "temperature": key})
+        def save(path: Path, params: np.ndarray, metadata: dict[str, str]) -> None:
+            save_controller(path, params, shape, {**metadata, "temperature": key})
 
-    result = evolve(
-        dream_task,
-        shape.n_params,
-        cma_cfg,
-        InlineExecutor(init=lambda: worker),
-        checkpoint_dir=out,
-        task_size=max(population, cma_cfg.eval_episodes),  # one batch of dreams per generation
-        max_generations=max_generations,
-        save_params=save,
-        prefix=prefix,
-        quiet=quiet,
-        desc=f"dream tau={key}",
-    )
+        result = evolve(
+            dream_task,
+            shape.n_params,
+            cma_cfg,
+            InlineExecutor(init=lambda: worker),
+            checkpoint_dir=out,
+            task_size=max(population, cma_cfg.eval_episodes),  # one batch of dreams per generation
+            max_generations=max_generations,
+            save_params=save,
+            prefix=prefix,
+            quiet=quiet,
+            desc=f"dream tau={key}",
+        )
+        params, score, generation = result.best_params, result.best_score, result.generation
+        if not result.finished:
+            return DreamResult(params, tau, score, None)
     entry = summary.get(key, {})
-    if not result.finished:
-        return DreamResult(result.best_params, tau, result.best_score, None)
     real_max_steps = cfg.eval.max_steps if real_max_steps is None else real_max_steps
     if evaluate_real and "real_mean" not in entry:
         from worldmodels.rollout import Agent, evaluate
@@ -279,12 +337,12 @@ def train_controller_in_dream(
         agent = Agent.from_run(run, cfg)
         seeds = [cfg.eval.seed + i for i in range(cfg.eval.episodes)]
         ev = evaluate(
-            agent, result.best_params, seeds, cfg.env, envs_per_batch=cfg.cma.envs_per_worker,
+            agent, params, seeds, cfg.env, envs_per_batch=cfg.cma.envs_per_worker,
             max_steps=real_max_steps, workers=cfg.cma.workers,
         )
         entry.update(real_mean=ev.mean, real_std=ev.std, real_episodes=len(seeds), real_max_steps=real_max_steps)
-    entry.update(temperature=tau, dream_return=result.best_score, generations=result.generation)
+    entry.update(temperature=tau, dream_return=score, generations=generation)
     summary[key] = entry
     write_json(summary_path, summary)
     real = {k: entry[k] for k in ("real_mean", "real_std", "real_episodes") if k in entry} or None
-    return DreamResult(result.best_params, tau, result.best_score, real)
+    return DreamResult(params, tau, score, real)

@@ -24,10 +24,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import gymnasium as gym
 import numpy as np
@@ -38,6 +37,7 @@ from worldmodels.config import Config, EnvConfig
 from worldmodels.controller import ACTION_SIZE, BatchedController, ControllerShape
 from worldmodels.env import make_env
 from worldmodels.mdrnn import MDRNN, sample_next_z
+from worldmodels.parallel import one_torch_thread
 from worldmodels.runs import RunDir, as_run_dir
 from worldmodels.train import load_mdrnn, load_vae
 from worldmodels.vae import VAE
@@ -250,19 +250,6 @@ def close_envs() -> None:
     _ENVS.clear()
 
 
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """Run torch on one thread: a step's batches are small, and intra-op threads only add
-    synchronisation (ruinous on a busy machine); parallelism comes from processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if threads != 1:
-            torch.set_num_threads(threads)
-
-
 def rollout(
     agent: Agent,
     params: np.ndarray,
@@ -281,7 +268,7 @@ def rollout(
     after `max_steps` steps, or by early termination (module docstring). With
     `trace=True` the result keeps every step's frame, z, action and reward.
     """
-    with _one_thread(), torch.inference_mode():
+    with one_torch_thread(), torch.inference_mode():
         return _rollout(agent, params, seeds, env_cfg, max_steps, early_stop_steps, fast, trace)
 
 

@@ -3,8 +3,11 @@
 A shipped run ``worldmodels/pretrained/NAME/`` has the layout of a run directory (so a
 chapter can copy it into ``runs/NAME`` and go on from there) with only what a reader
 needs: the config, V's, M's and C's weights (float16 where that does not change the
-score), the training metrics and the evaluation results, and ``manifest.json`` with the
-SHA-256 of every file, checked on load.
+score), the training metrics and the evaluation results, the dataset's manifest
+(per-episode seeds, lengths and returns), the start latents of the dreams and the
+results of training C in the dream, and ``manifest.json`` with the SHA-256 of every
+file, checked on load. The dataset itself is not shipped: any episode is regenerated
+from its seed when needed (:func:`worldmodels.data.dataset_episodes`).
 
 >>> import worldmodels as wm
 >>> book = wm.pretrained.load("book")          # doctest: +SKIP
@@ -33,15 +36,26 @@ WEIGHTS = ("vae/vae.safetensors", "mdrnn/mdrnn.safetensors", "controller/best.sa
 """Weight files, stored in float16 by :func:`export` when ``half`` is set (the controller never)."""
 RECORDS = (
     "config.json",
+    "data/manifest.json",
     "vae/done.json",
     "vae/metrics.csv",
     "mdrnn/done.json",
     "mdrnn/metrics.csv",
     "controller/done.json",
     "controller/history.csv",
+    "controller/selection.json",
+    "controller/dream.json",
+    "controller/dream_tau*_best.safetensors",
+    "controller/dream_tau*_done.json",
+    "controller/dream_tau*_history.csv",
+    "controller/dream_tau*_selection.json",
     "eval/results.json",
 )
-"""Small files copied as they are; those a run does not have are left out."""
+"""Small files copied as they are (glob patterns: every match); those a run does not have are left out.
+
+The dream's files are those of every temperature the run trained at (no checkpoint: a
+finished dream run only loads, see :func:`worldmodels.dream.train_controller_in_dream`).
+"""
 
 
 ABLATION_FILES = (
@@ -49,6 +63,7 @@ ABLATION_FILES = (
     "controller/best.safetensors",
     "controller/done.json",
     "controller/history.csv",
+    "controller/selection.json",
     "eval/results.json",
 )
 """Files of each ablation run (``ablations/NAME/``, see :mod:`worldmodels.ablations`) shipped with
@@ -143,6 +158,12 @@ def export(
 ) -> Path:
     """Pack a finished run as shipped run `name`: weights (float16 when `half`), records, manifest.
 
+    Besides the files of :data:`WEIGHTS` and :data:`RECORDS` (and :data:`ABLATION_FILES` of
+    every ablation run), it writes the dreams' start latents
+    (:func:`worldmodels.dream.save_initial_latents`: from the run's encoded episodes, or
+    regenerated from their seeds when the run has none, about a minute at the ``book``
+    scale).
+
     With `evaluate`, the shipped weights themselves are evaluated with the run's protocol
     (``eval.episodes`` tracks from ``eval.seed``, every core) and that becomes the shipped
     ``eval/results.json``, so that ``python -m worldmodels evaluate --pretrained NAME``
@@ -151,6 +172,8 @@ def export(
 
     The manifest is written last, so an interrupted export is never loadable.
     """
+    from worldmodels.dream import STARTS_FILE, save_initial_latents
+
     run = as_run_dir(run)
     folder = Path(root) / name
     if folder.exists():
@@ -163,11 +186,15 @@ def export(
         metadata = _metadata(run.path / rel)
         save_tensors(folder / rel, tensors, metadata)
         files.append(rel)
-    ablations = sorted(p.parent.relative_to(run.path) for p in run.path.glob("ablations/*/config.json"))
-    for rel in [*RECORDS, *(f"{a.as_posix()}/{f}" for a in ablations for f in ABLATION_FILES)]:
-        if (run.path / rel).exists():
-            write_bytes(folder / rel, (run.path / rel).read_bytes())
+    ablations = sorted(p.parent.relative_to(run.path).as_posix() for p in run.path.glob("ablations/*/config.json"))
+    patterns = [*RECORDS, *(f"{a}/{f}" for a in ablations for f in ABLATION_FILES)]
+    for pattern in patterns:
+        for path in sorted(run.path.glob(pattern)):
+            rel = path.relative_to(run.path).as_posix()
+            write_bytes(folder / rel, path.read_bytes())
             files.append(rel)
+    save_initial_latents(run, folder / STARTS_FILE)
+    files.append(STARTS_FILE)
     if evaluate:
         files += _evaluate_shipped(folder)
     write_json(folder / MANIFEST, {"name": name, "sha256": {rel: _sha256(folder / rel) for rel in files}})
