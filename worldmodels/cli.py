@@ -266,7 +266,8 @@ def run_ablations(args: Ablations) -> None:
 class Pipeline(Common):
     """Run every stage in order: collect, train-vae, encode, train-mdrnn, train-controller, evaluate.
 
-    Each stage loads what is already finished and resumes what was interrupted.
+    Each stage loads what is already finished and resumes what was interrupted; the
+    episodes are collected and encoded only while V or M still needs them.
     """
 
     scheduler: str | None = None
@@ -274,15 +275,16 @@ class Pipeline(Common):
 
 
 def run_pipeline(args: Pipeline) -> None:
-    from worldmodels.data import collect
+    from worldmodels.data import collect, needs_dataset
     from worldmodels.evolution import train_controller
     from worldmodels.train import encode, train_mdrnn, train_vae
 
     cfg, run, quiet = args.config, args.run_dir, args.quiet
+    dataset = needs_dataset(run)  # finished V and M (a shipped run, say) need no episodes
     stages = [
-        ("collect", lambda: collect(cfg, run, quiet=quiet)),
+        ("collect", lambda: collect(cfg, run, quiet=quiet) if dataset else None),
         ("train-vae", lambda: train_vae(cfg, run, quiet=quiet)),
-        ("encode", lambda: encode(cfg, run, quiet=quiet)),
+        ("encode", lambda: encode(cfg, run, quiet=quiet) if dataset else None),
         ("train-mdrnn", lambda: train_mdrnn(cfg, run, quiet=quiet)),
         ("train-controller", lambda: train_controller(_controller_config(args, args.scheduler, None), run, quiet=quiet)),
         ("evaluate", lambda: run_evaluate(Evaluate(run_dir=run, config=cfg, scale=args.scale, quiet=quiet))),
