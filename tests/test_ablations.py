@@ -93,3 +93,13 @@ def test_ablation_needs_the_main_runs_v(tmp_path):
     run = RunDir(tmp_path / "run")
     with pytest.raises(FileNotFoundError, match="vae.*not finished"):
         run_ablation(CFG, run, "z", quiet=True)
+
+
+def test_is_evaluated_follows_the_results_file(main_run):
+    from worldmodels.ablations import is_evaluated
+
+    assert not is_evaluated(main_run, "z")
+    run_ablation(CFG, main_run, "z", quiet=True, evaluate=False)
+    assert not is_evaluated(main_run, "z")  # trained, not evaluated
+    run_ablation(CFG, main_run, "z", quiet=True)
+    assert is_evaluated(main_run, "z")

@@ -87,6 +87,11 @@ def _share(main: RunDir, sub: RunDir, stage: str) -> None:
                 shutil.copyfile(src / name, tmp)
 
 
+def is_evaluated(run: str | Path | RunDir, name: str) -> bool:
+    """Whether ablation `name` of the main run `run` is finished and evaluated."""
+    return (ablation_dir(run, name).path / "eval" / "results.json").exists()
+
+
 def run_ablation(
     cfg: Config,
     run: str | Path | RunDir,
