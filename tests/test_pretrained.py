@@ -128,6 +128,9 @@ def test_export_ships_the_ablations_records_but_no_extra_weights(tmp_path, finis
     manifest = json.loads((folder / pretrained.MANIFEST).read_text())["sha256"]
     assert {"ablations/z/config.json", "ablations/z/eval/results.json"} <= set(manifest)
     assert not any(rel.startswith("ablations/z/vae") for rel in manifest)
+    write_json(tmp_path / "run" / "ablations" / "z_hidden" / "config.json", {"scale": "tiny"})  # unfinished: not shipped
+    folder = pretrained.export(run, "tiny", root=tmp_path / "shipped")
+    assert not (folder / "ablations" / "z_hidden").exists() and (folder / "ablations" / "z" / "config.json").exists()
     assert pretrained.verify("tiny", root=tmp_path / "shipped") == folder
 
 

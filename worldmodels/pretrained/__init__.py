@@ -66,8 +66,8 @@ ABLATION_FILES = (
     "controller/selection.json",
     "eval/results.json",
 )
-"""Files of each ablation run (``ablations/NAME/``, see :mod:`worldmodels.ablations`) shipped with
-the run: its config, controller, CMA-ES history and evaluation. V is the run's own, and an
+"""Files of each finished (evaluated) ablation run (``ablations/NAME/``, see
+:mod:`worldmodels.ablations`) shipped with the run: its config, controller, CMA-ES history and evaluation. V is the run's own, and an
 untrained M is rebuilt from the config's seed, so no other weights are needed."""
 
 
@@ -186,7 +186,9 @@ def export(
         metadata = _metadata(run.path / rel)
         save_tensors(folder / rel, tensors, metadata)
         files.append(rel)
-    ablations = sorted(p.parent.relative_to(run.path).as_posix() for p in run.path.glob("ablations/*/config.json"))
+    ablations = sorted(  # the finished ones: evaluated
+        p.parents[1].relative_to(run.path).as_posix() for p in run.path.glob("ablations/*/eval/results.json")
+    )
     patterns = [*RECORDS, *(f"{a}/{f}" for a in ablations for f in ABLATION_FILES)]
     for pattern in patterns:
         for path in sorted(run.path.glob(pattern)):
