@@ -38,14 +38,18 @@ def test_export_load_round_trip_in_float16(tmp_path, finished_run):
     pretrained.export(run, "tiny", root=root)
     assert pretrained.available(root) == ["tiny"]
     weights = load_tensors(root / "tiny" / "vae" / "vae.safetensors")
-    assert all(v.dtype == torch.float16 for v in weights.values())
+    assert all(v.dtype == torch.float16 for k, v in weights.items() if k.startswith(("decoder.", "fc_decode.")))
+    assert all(v.dtype == torch.float32 for k, v in weights.items() if k.startswith(("encoder.", "fc_mu.", "fc_logvar.")))
+    assert all(v.dtype == torch.float32 for v in load_tensors(root / "tiny" / "mdrnn" / "mdrnn.safetensors").values())
     loaded = pretrained.load("tiny", root=root)
     np.testing.assert_array_equal(loaded.params, params)  # the controller stays float64
     assert loaded.results["mean"] == 2.0 and loaded.config == run.load_config()
     original = Agent.from_run(run)
     frames = np.random.default_rng(1).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
-    z16, z32 = loaded.agent.encode(frames), original.encode(frames)
-    assert torch.allclose(z16, z32, atol=2e-2) and not torch.equal(z16, z32)
+    assert torch.equal(loaded.agent.encode(frames), original.encode(frames))  # the driving path is exact
+    z = torch.zeros(1, CFG.vae.z_size)
+    pictures16, pictures32 = loaded.agent.vae.decode(z), original.vae.decode(z)
+    assert torch.allclose(pictures16, pictures32, atol=1e-2) and not torch.equal(pictures16, pictures32)
 
 
 def test_export_ships_what_the_chapters_need_without_the_dataset(tmp_path, finished_run):
