@@ -112,9 +112,7 @@ class Record(Common):
 
 
 def run_record(args: Record) -> None:
-    from worldmodels.rollout import record
-
-    from worldmodels.rollout import load_agent_and_controller
+    from worldmodels.rollout import load_agent_and_controller, record
 
     cfg = _run_config(args)
     agent, params, _ = load_agent_and_controller(args.run_dir, cfg, args.controller)

@@ -285,9 +285,10 @@ def train_controller_in_dream(
     ``_history.csv``, ``_best.safetensors``, ``_last.safetensors``, ``_done.json`` and
     ``dream.json`` (per tau: dream return, real mean and std). Runs at several
     temperatures may share a run directory (the temperature is not checked against the
-    recorded config). Once ``_done.json`` and ``_best.safetensors`` exist, it only loads
-    (a shipped run has no checkpoint), and evaluates in the real environment if that is
-    still missing.
+    recorded config). Once the run is finished (:func:`worldmodels.evolution.is_finished`:
+    ``_done.json``, ``_best.safetensors`` and, with a final selection, ``_selection.json``),
+    it only loads (a shipped run has no checkpoint), and evaluates in the real environment
+    if that is still missing.
     """
     tau = check_temperature(cfg.dream.temperature)
     run = as_run_dir(run)

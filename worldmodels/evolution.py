@@ -374,7 +374,7 @@ def evolve(
         if ckpt_dir is not None:
             meta = {"generation": str(state.best_generation), "selection_score": repr(state.best_score)}
             save_params(ckpt_dir / f"{prefix}best.safetensors", state.best_params, meta)
-            write_json(ckpt_dir / f"{prefix}selection.json", {k: v for k, v in state.selection.items()})
+            write_json(ckpt_dir / f"{prefix}selection.json", state.selection)
             save_checkpoint(ckpt_path, state)
     if finished and ckpt_dir is not None and _finished_generations(ckpt_dir / f"{prefix}done.json") != state.generation:
         write_json(

@@ -523,7 +523,8 @@ def evaluate_run(
     """The paper's protocol on a run: its best controller drives full episodes on unseen tracks.
 
     Tracks ``seed, seed + 1, ...`` (default ``cfg.eval.seed`` and ``cfg.eval.episodes``),
-    episodes of at most `max_steps` steps (default ``cfg.eval.max_steps``), in ``workers`` processes (default ``cfg.cma.workers``; 0: one per core). Writes and
+    episodes of at most `max_steps` steps (default ``cfg.eval.max_steps``), in ``workers``
+    processes (default ``cfg.cma.workers``; 0: one per core). Writes and
     returns ``run/eval/results.json``: returns, seeds, episodes, mean, std, min, max,
     the controller's path, max_steps and the seconds it took.
     """

@@ -72,8 +72,9 @@ ABLATION_FILES = (
     "eval/results.json",
 )
 """Files of each finished (evaluated) ablation run (``ablations/NAME/``, see
-:mod:`worldmodels.ablations`) shipped with the run: its config, controller, CMA-ES history and evaluation. V is the run's own, and an
-untrained M is rebuilt from the config's seed, so no other weights are needed."""
+:mod:`worldmodels.ablations`) shipped with the run: its config, controller, CMA-ES history,
+final selection and evaluation. V is the run's own, and an untrained M is rebuilt from the
+config's seed, so no other weights are needed."""
 
 
 class ChecksumError(RuntimeError):
