@@ -98,11 +98,13 @@ def test_a_changed_or_missing_file_fails_the_checksum_naming_it(tmp_path, finish
 
 def test_install_copies_into_a_run_directory_that_then_loads(tmp_path, finished_run):
     run, params = finished_run
+    write_json(run.path / "data" / "manifest.json", {"episodes": 4})
     root = tmp_path / "shipped"
     pretrained.export(run, "tiny", root=root)
     target = pretrained.install("tiny", tmp_path / "copy", root=root)
     assert target.load_config() == run.load_config()
     assert not (target.path / pretrained.MANIFEST).exists()
+    assert (target.path / "data" / "manifest.json").exists()  # a run's own manifest.json files are copied
     agent = Agent.from_run(target)
     assert agent.mdrnn is not None and agent.vae.fc_mu.weight.dtype == torch.float32
 

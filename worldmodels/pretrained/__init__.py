@@ -150,12 +150,10 @@ def install(name: str, run: str | Path | RunDir, root: Path = ROOT) -> RunDir:
     """Copy shipped run `name` into a run directory (checksums checked), keeping what is there."""
     folder = verify(name, root)
     run = as_run_dir(run)
-    for src in folder.rglob("*"):
-        if src.is_file() and src.name != MANIFEST:
-            dst = run.path / src.relative_to(folder)
-            if not dst.exists():
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                write_bytes(dst, src.read_bytes())
+    for rel in json.loads((folder / MANIFEST).read_text())["sha256"]:  # the files verify() checked
+        dst = run.path / rel
+        if not dst.exists():
+            write_bytes(dst, (folder / rel).read_bytes())
     return run
 
 
