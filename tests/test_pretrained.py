@@ -159,3 +159,19 @@ def test_export_with_evaluate_ships_the_evaluation_of_the_shipped_weights(tmp_pa
     main(["evaluate", "--pretrained", "tiny", "--json"])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["returns"] == shipped["returns"] and out["mean"] == shipped["mean"]
+
+
+def test_export_again_keeps_every_file_byte_for_byte_and_rewrites_a_changed_weight(tmp_path, finished_run):
+    run, _ = finished_run
+    root = tmp_path / "shipped"
+    folder = pretrained.export(run, "tiny", root=root)
+    first = {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    folder = pretrained.export(run, "tiny", root=root)
+    assert {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()} == first
+    best = run.path / "controller" / "best.safetensors"
+    tensors = load_tensors(best)
+    save_tensors(best, {k: v + 1 for k, v in tensors.items()})
+    pretrained.export(run, "tiny", root=root)
+    shipped = load_tensors(folder / "controller" / "best.safetensors")
+    assert all(torch.equal(shipped[k], tensors[k] + 1) for k in tensors)
+    pretrained.verify("tiny", root=root)

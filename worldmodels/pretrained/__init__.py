@@ -180,6 +180,7 @@ def export(
 
     run = as_run_dir(run)
     folder = Path(root) / name
+    previous = {rel: (folder / rel).read_bytes() for rel in WEIGHTS if (folder / rel).exists()}
     if folder.exists():
         shutil.rmtree(folder)
     files = []
@@ -189,6 +190,8 @@ def export(
             tensors = {k: v.half() if k.startswith(HALF[rel]) and v.is_floating_point() else v for k, v in tensors.items()}
         metadata = _metadata(run.path / rel)
         save_tensors(folder / rel, tensors, metadata)
+        if rel in previous and _same_safetensors(previous[rel], (folder / rel).read_bytes()):
+            write_bytes(folder / rel, previous[rel])  # keep the bytes: safetensors orders metadata at random
         files.append(rel)
     ablations = sorted(  # the finished ones: evaluated
         p.parents[1].relative_to(run.path).as_posix() for p in run.path.glob("ablations/*/eval/results.json")
@@ -219,6 +222,12 @@ def _evaluate_shipped(folder: Path) -> list[str]:
     shipped = evaluate_run(folder)
     write_json(results, {**shipped, "controller": "controller/best.safetensors"})
     return written + ["eval/results.json"]
+
+
+def _same_safetensors(a: bytes, b: bytes) -> bool:
+    """Whether two safetensors files hold the same header (as JSON, in any key order) and data."""
+    n, m = int.from_bytes(a[:8], "little"), int.from_bytes(b[:8], "little")
+    return json.loads(a[8 : 8 + n]) == json.loads(b[8 : 8 + m]) and a[8 + n :] == b[8 + m :]
 
 
 def _metadata(path: Path) -> dict[str, str] | None:
