@@ -86,6 +86,8 @@ def test_ablation_trains_and_evaluates_at_tiny(main_run, name):
     rows = table(main_run)
     assert [r["name"] for r in rows] == [MAIN, name]
     assert rows[1]["mean"] == results["mean"] and rows[1]["generations"] == CFG.cma.generations
+    c = CFG.cma  # one generation of training, validated once, no final selection
+    assert rows[1]["controller_episodes"] == c.population * c.episodes_per_candidate + c.eval_episodes
     assert "not evaluated" in format_table(rows)  # the main run has no evaluation here
 
 
@@ -103,3 +105,19 @@ def test_is_evaluated_follows_the_results_file(main_run):
     assert not is_evaluated(main_run, "z")  # trained, not evaluated
     run_ablation(CFG, main_run, "z", quiet=True)
     assert is_evaluated(main_run, "z")
+
+
+def test_table_counts_training_validation_and_selection_episodes(tmp_path):
+    cfg = preset("book")
+    run = RunDir(tmp_path / "run")
+    run.bind(cfg)
+    lines = ["generation,fitness_mean,val_mean,seconds"] + [
+        f"{g},1.0,{'500.0' if g % 10 == 9 else ''},30.0" for g in range(20)
+    ]
+    (run.controller / "history.csv").write_text("\n".join(lines) + "\n")
+    row = table(run)[0]
+    assert row["generations"] == 20 and row["controller_seconds"] == 600.0
+    assert row["controller_episodes"] == 20 * 16 * 4 + 2 * 16
+    write_json(run.controller / "selection.json", {"candidates": [{}, {}, {}], "selection_episodes": 48})
+    assert table(run)[0]["controller_episodes"] == 20 * 16 * 4 + 2 * 16 + 3 * 48
+    assert "1,456" in format_table(table(run))

@@ -148,6 +148,13 @@ def _row(name: str, ablation: Ablation, run: RunDir) -> dict[str, Any]:
     if cfg is not None:
         row["kind"] = cfg.controller.kind
         row["episodes_per_generation"] = cfg.cma.population * cfg.cma.episodes_per_candidate
+        if "generations" in row:  # training, validation of the mean, final selection
+            validations = sum(h["val_mean"] is not None for h in history)
+            row["controller_episodes"] = row["generations"] * row["episodes_per_generation"] + validations * cfg.cma.eval_episodes
+            selection_path = run.path / "controller" / "selection.json"
+            if selection_path.exists():
+                selection = read_json(selection_path)
+                row["controller_episodes"] += len(selection["candidates"]) * selection["selection_episodes"]
     results_path = run.path / "eval" / "results.json"
     if results_path.exists():
         results = read_json(results_path)
@@ -159,7 +166,8 @@ def _row(name: str, ablation: Ablation, run: RunDir) -> dict[str, Any]:
 def table(run: str | Path | RunDir) -> list[dict[str, Any]]:
     """The ablation table of a main run: one dict per row (the main run first, then each ablation
     that has a run directory), with the paper's score, the evaluation (episodes, mean, std, min,
-    max) and the controller's compute (generations, episodes per generation, seconds)."""
+    max, seconds) and the controller's compute (generations, episodes per generation, episodes
+    in all with validation and final selection, seconds)."""
     main = as_run_dir(run)
     rows = [_row(MAIN, MAIN_ROW, main)]
     for name, ablation in ABLATIONS.items():
@@ -170,8 +178,12 @@ def table(run: str | Path | RunDir) -> list[dict[str, Any]]:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """The rows of :func:`table` as a fixed-width text table."""
-    lines = [f"{'setting':40s} {'paper':>26s} {'this run':>18s} {'min':>5s} {'max':>5s} {'generations':>11s} {'C hours':>8s}"]
+    """The rows of :func:`table` as a fixed-width text table; "C episodes" counts the controller's
+    training, validation and selection episodes, "C hours" adds the evaluation's time to theirs."""
+    lines = [
+        f"{'setting':40s} {'paper':>26s} {'this run':>18s} {'min':>5s} {'max':>5s} "
+        f"{'generations':>11s} {'C episodes':>10s} {'C hours':>8s}"
+    ]
     for r in rows:
         score = f"{r['mean']:.0f} ± {r['std']:.0f}" if "mean" in r else "not evaluated"
         low = f"{r['min']:.0f}" if "min" in r else ""
@@ -179,6 +191,6 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         seconds = (r.get("controller_seconds") or 0.0) + (r.get("eval_seconds") or 0.0)
         lines.append(
             f"{r['label']:40s} {r['paper']:>26s} {score:>18s} {low:>5s} {high:>5s} "
-            f"{r.get('generations', 0):>11d} {seconds / 3600:>8.2f}"
+            f"{r.get('generations', 0):>11d} {r.get('controller_episodes', 0):>10,d} {seconds / 3600:>8.2f}"
         )
     return "\n".join(lines)
