@@ -140,21 +140,21 @@ def _row(name: str, ablation: Ablation, run: RunDir) -> dict[str, Any]:
 
     row: dict[str, Any] = {"name": name, "label": ablation.label, "paper": ablation.paper}
     history_path = run.path / "controller" / "history.csv"
-    if history_path.exists():
-        history = read_history(history_path)
+    history = read_history(history_path) if history_path.exists() else None
+    if history is not None:
         row["generations"] = len(history)
         row["controller_seconds"] = sum(h["seconds"] or 0.0 for h in history)
     cfg = run.load_config()
     if cfg is not None:
         row["kind"] = cfg.controller.kind
         row["episodes_per_generation"] = cfg.cma.population * cfg.cma.episodes_per_candidate
-        if "generations" in row:  # training, validation of the mean, final selection
-            validations = sum(h["val_mean"] is not None for h in history)
-            row["controller_episodes"] = row["generations"] * row["episodes_per_generation"] + validations * cfg.cma.eval_episodes
-            selection_path = run.path / "controller" / "selection.json"
-            if selection_path.exists():
-                selection = read_json(selection_path)
-                row["controller_episodes"] += len(selection["candidates"]) * selection["selection_episodes"]
+    if cfg is not None and history is not None:  # training, validation of the mean, final selection
+        validations = sum(h["val_mean"] is not None for h in history)
+        row["controller_episodes"] = len(history) * row["episodes_per_generation"] + validations * cfg.cma.eval_episodes
+        selection_path = run.path / "controller" / "selection.json"
+        if selection_path.exists():
+            selection = read_json(selection_path)
+            row["controller_episodes"] += len(selection["candidates"]) * selection["selection_episodes"]
     results_path = run.path / "eval" / "results.json"
     if results_path.exists():
         results = read_json(results_path)
