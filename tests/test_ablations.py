@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from worldmodels.ablations import ABLATIONS, MAIN, ablation_config, ablation_dir, format_table, run_ablation, table
+from worldmodels.ablations import ABLATIONS, MAIN, ablation_config, ablation_dir, format_table, markdown_table, run_ablation, table
 from worldmodels.config import preset
 from worldmodels.mdrnn import MDRNN
 from worldmodels.runs import RunDir, save_tensors, write_json
@@ -121,3 +121,15 @@ def test_table_counts_training_validation_and_selection_episodes(tmp_path):
     write_json(run.controller / "selection.json", {"candidates": [{}, {}, {}], "selection_episodes": 48})
     assert table(run)[0]["controller_episodes"] == 20 * 16 * 4 + 2 * 16 + 3 * 48
     assert "1,456" in format_table(table(run))
+
+
+def test_markdown_table_bolds_scores_and_marks_rows_not_evaluated():
+    rows = [
+        {"label": "full", "paper": "906 ± 21", "mean": 805.24, "std": 145.17, "min": 261.6, "max": 918.2,
+         "controller_episodes": 8064, "controller_seconds": 6000.0, "eval_seconds": 480.0},
+        {"label": "untrained", "paper": "870 ± 120"},
+    ]
+    lines = markdown_table(rows).splitlines()
+    assert len(lines) == 4 and all(line.count("|") == 8 for line in lines)
+    assert lines[2] == "| full | 906 ± 21 | **805.2 ± 145.2** | 262 | 918 | 8,064 | 1.80 |"
+    assert lines[3] == "| untrained | 870 ± 120 | not evaluated yet | | | | |"

@@ -194,3 +194,22 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             f"{r.get('generations', 0):>11d} {r.get('controller_episodes', 0):>10,d} {seconds / 3600:>8.2f}"
         )
     return "\n".join(lines)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The rows of :func:`table` as a Markdown table (the README's), scores in bold; a row not
+    evaluated yet says so and leaves its other cells empty."""
+    lines = [
+        "| setting | paper | this run, 100 tracks | min | max | C episodes | C hours |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        if "mean" not in r:
+            lines.append(f"| {r['label']} | {r['paper']} | not evaluated yet | | | | |")
+            continue
+        seconds = (r.get("controller_seconds") or 0.0) + (r.get("eval_seconds") or 0.0)
+        lines.append(
+            f"| {r['label']} | {r['paper']} | **{r['mean']:.1f} ± {r['std']:.1f}** | {r['min']:.0f} | {r['max']:.0f} "
+            f"| {r.get('controller_episodes', 0):,d} | {seconds / 3600:.2f} |"
+        )
+    return "\n".join(lines)
