@@ -177,6 +177,11 @@ def table(run: str | Path | RunDir) -> list[dict[str, Any]]:
     return rows
 
 
+def _controller_hours(row: dict[str, Any]) -> float:
+    """A row's "C hours": the wall time of the controller's evolution plus its evaluation."""
+    return ((row.get("controller_seconds") or 0.0) + (row.get("eval_seconds") or 0.0)) / 3600
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     """The rows of :func:`table` as a fixed-width text table; "C episodes" counts the controller's
     training, validation and selection episodes, "C hours" adds the evaluation's time to theirs."""
@@ -188,10 +193,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         score = f"{r['mean']:.0f} ± {r['std']:.0f}" if "mean" in r else "not evaluated"
         low = f"{r['min']:.0f}" if "min" in r else ""
         high = f"{r['max']:.0f}" if "max" in r else ""
-        seconds = (r.get("controller_seconds") or 0.0) + (r.get("eval_seconds") or 0.0)
         lines.append(
             f"{r['label']:40s} {r['paper']:>26s} {score:>18s} {low:>5s} {high:>5s} "
-            f"{r.get('generations', 0):>11d} {r.get('controller_episodes', 0):>10,d} {seconds / 3600:>8.2f}"
+            f"{r.get('generations', 0):>11d} {r.get('controller_episodes', 0):>10,d} {_controller_hours(r):>8.2f}"
         )
     return "\n".join(lines)
 
@@ -200,16 +204,15 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     """The rows of :func:`table` as a Markdown table (the README's), scores in bold; a row not
     evaluated yet says so and leaves its other cells empty."""
     lines = [
-        "| setting | paper | this run, 100 tracks | min | max | C episodes | C hours |",
+        "| setting | paper | this run | min | max | C episodes | C hours |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         if "mean" not in r:
             lines.append(f"| {r['label']} | {r['paper']} | not evaluated yet | | | | |")
             continue
-        seconds = (r.get("controller_seconds") or 0.0) + (r.get("eval_seconds") or 0.0)
         lines.append(
             f"| {r['label']} | {r['paper']} | **{r['mean']:.1f} ± {r['std']:.1f}** | {r['min']:.0f} | {r['max']:.0f} "
-            f"| {r.get('controller_episodes', 0):,d} | {seconds / 3600:.2f} |"
+            f"| {r.get('controller_episodes', 0):,d} | {_controller_hours(r):.2f} |"
         )
     return "\n".join(lines)
