@@ -83,7 +83,7 @@ def _worker(rank: int, args, barrier, queue) -> None:
             elif arm == "replay":
                 n = _bare(env_cfg, seeds, res.steps, actions=actions)
             else:
-                n = int(rollout(agent, params, seeds, env_cfg, max_steps=args.steps).steps.sum())
+                n = int(rollout(agent, params, seeds, env_cfg, max_steps=args.steps, float64=args.float64).steps.sum())
             queue.put((rep, arm, rank, n, time.perf_counter() - t))
 
 
@@ -97,6 +97,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=100, help="steps per episode")
     p.add_argument("--repeats", type=int, default=10, help="rounds, each running every arm once")
     p.add_argument("--bf16", action="store_true", help="encode frames under bfloat16 autocast (Agent.encode_bf16)")
+    p.add_argument("--float64", action="store_true", help="exact driving in float64, as evaluation does")
     args = p.parse_args()
 
     import gymnasium as gym

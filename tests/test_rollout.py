@@ -47,6 +47,61 @@ def test_batched_rollout_equals_sequential(kind):
         assert single.steps[0] == batched.steps[i] == 40
 
 
+def test_exact_driving_is_float32_driving_up_to_rounding():
+    agent = make_agent()
+    params = random_params(agent, 2)
+    plain = rollout(agent, params, SEEDS[:2], CFG.env, max_steps=1, trace=True)
+    exact = rollout(agent, params, SEEDS[:2], CFG.env, max_steps=1, trace=True, float64=True)
+    for p, e in zip(plain.traces, exact.traces):
+        assert e.actions.dtype == np.float32 and e.z.dtype == np.float32  # what the environment gets
+        np.testing.assert_allclose(e.z, p.z, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(e.actions, p.actions, rtol=1e-4, atol=1e-5)
+
+
+EXACT_SCRIPT = """
+import json, sys
+from worldmodels.config import Config
+from worldmodels.rollout import build_agent, rollout
+from worldmodels.runs import load_tensors
+folder = sys.argv[1]
+cfg = Config.from_json(open(folder + "/cfg.json").read())
+vae, mdrnn, params = (load_tensors(f"{folder}/{name}.safetensors") for name in ("vae", "mdrnn", "params"))
+agent = build_agent(vae, mdrnn, cfg)
+r = rollout(agent, params["p"].numpy(), [int(s) for s in sys.argv[2:]], cfg.env, max_steps=40, trace=True, float64=True)
+print(json.dumps({"returns": r.returns.tolist(), "actions": [t.actions.tolist() for t in r.traces]}))
+"""
+
+
+def test_exact_driving_gives_the_same_actions_with_other_cpu_kernels(tmp_path):
+    """Float64 driving under kernels limited to SSE4 (another CPU's rounding) and one by one."""
+    import os
+    import subprocess
+    import sys
+
+    from worldmodels.rollout import agent_config
+
+    agent = make_agent()
+    vae_state, mdrnn_state, _ = agent.init_args()
+    cfg = agent_config(agent, CFG)
+    params = random_params(agent, len(SEEDS))
+    save_tensors(tmp_path / "vae.safetensors", vae_state)
+    save_tensors(tmp_path / "mdrnn.safetensors", mdrnn_state)
+    save_tensors(tmp_path / "params.safetensors", {"p": torch.from_numpy(params)})
+    (tmp_path / "cfg.json").write_text(cfg.to_json())
+    here = rollout(agent, params, SEEDS, CFG.env, max_steps=40, trace=True, float64=True)
+    isa = {"MKL_ENABLE_INSTRUCTIONS": "SSE4_2", "ONEDNN_MAX_CPU_ISA": "SSE41", "ATEN_CPU_CAPABILITY": "default"}
+    out = subprocess.run(
+        [sys.executable, "-c", EXACT_SCRIPT, str(tmp_path), *map(str, SEEDS)],
+        env={**os.environ, **isa}, capture_output=True, text=True, check=True,
+    )
+    there = json.loads(out.stdout.strip().splitlines()[-1])
+    assert there["returns"] == here.returns.tolist()
+    assert there["actions"] == [t.actions.tolist() for t in here.traces]
+    for i, seed in enumerate(SEEDS):  # one episode at a time: other batch sizes
+        single = rollout(agent, params[i : i + 1], [seed], CFG.env, max_steps=40, trace=True, float64=True)
+        np.testing.assert_array_equal(single.traces[0].actions, here.traces[i].actions)
+
+
 def test_rollout_lstm_cell_matches_mdrnn_step():
     agent = make_agent()
     z, a = torch.randn(4, 32), torch.rand(4, 3)

@@ -168,11 +168,12 @@ class BatchedController:
     ``set_params(params)`` takes a (K, P) array; ``ctrl(z, h)`` with ``z`` (K, Z) and ``h``
     (K, H) (or None for the V-only kinds) returns actions (K, 3). With ``index`` (an
     integer array of n of the K rows) it evaluates only those controllers, on inputs of n
-    rows: rollouts use it to skip the environments that have finished.
+    rows: rollouts use it to skip the environments that have finished. The weights are held
+    in `dtype` (float32, or float64 for the evaluation's exact driving; inputs must match).
     """
 
-    def __init__(self, shape: ControllerShape, params: np.ndarray | None = None):
-        self.shape = shape
+    def __init__(self, shape: ControllerShape, params: np.ndarray | None = None, dtype: torch.dtype = torch.float32):
+        self.shape, self.dtype = shape, dtype
         self._layers: list[tuple[Tensor, Tensor]] = []
         if params is not None:
             self.set_params(params)
@@ -189,7 +190,7 @@ class BatchedController:
         return self._layers[0][0].shape[0] if self._layers else 0
 
     def set_params(self, params: np.ndarray) -> None:
-        flat = torch.as_tensor(np.asarray(params), dtype=torch.float32)
+        flat = torch.as_tensor(np.asarray(params), dtype=self.dtype)
         if flat.ndim != 2:
             raise ValueError(f"params must be (K, P), got shape {tuple(flat.shape)}")
         # Contiguous copies: one (K, out, in) weight and one (K, out, 1) bias per layer.

@@ -14,6 +14,13 @@ new tile is a step with a positive reward). To keep returns comparable with full
 episodes, the ended episode is charged ``-0.1`` for each of its remaining steps up to
 ``max_steps``: its return is what idling to the end would have given.
 
+Exact driving (``float64=True``, what :func:`evaluate` does): V, M and the controller
+compute in float64 and the actions are rounded to float32 before they reach the
+environment. In float32 the last bits of an action depend on the CPU's kernels and on the
+batch size, and CarRacing turns one such bit into a different episode; in float64 those
+differences stay far below float32's rounding, so the environment gets the same actions,
+and an evaluation gives the same returns, on any CPU.
+
 :func:`evaluate` runs full episodes of one controller over many seeds (optionally in
 worker processes, each of which builds the agent once), and :func:`record` writes a
 video of the real frame, V's reconstruction and M's prediction side by side.
@@ -21,6 +28,7 @@ video of the real frame, V's reconstruction and M's prediction side by side.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import tempfile
@@ -149,9 +157,11 @@ class _Encoder:
     ``fc_mu``'s columns permuted to the (h, w, c) order that product yields.
     """
 
-    def __init__(self, vae: VAE, bf16: bool = False):
+    def __init__(self, vae: VAE, bf16: bool = False, dtype: torch.dtype = torch.float32):
+        if dtype != torch.float32:
+            vae = copy.deepcopy(vae).to(dtype)
         enc = vae.encoder
-        self.vae, self.bf16 = vae, bf16
+        self.vae, self.bf16, self.dtype = vae, bf16, dtype
         self.convs = [enc[0], enc[2], enc[4]]
         conv4, fc_mu = enc[6], vae.fc_mu
         c_out, c_in, k, _ = conv4.weight.shape
@@ -163,7 +173,7 @@ class _Encoder:
         self.w_mu, self.b_mu = w_mu.T.contiguous(), fc_mu.bias.detach()
 
     def __call__(self, frames: np.ndarray) -> Tensor:
-        x = torch.from_numpy(frames).permute(0, 3, 1, 2).float().div_(255.0)  # channels last, no copy
+        x = torch.from_numpy(frames).permute(0, 3, 1, 2).to(self.dtype).div_(255.0)  # channels last, no copy
         if self.bf16:
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 return self._encode(x).float()
@@ -189,8 +199,8 @@ class _LSTMCell:
     ``weight_ih`` (M's bias) becomes the addmm's bias.
     """
 
-    def __init__(self, mdrnn: MDRNN):
-        w_ih, w_hh = mdrnn.lstm.weight_ih_l0.detach(), mdrnn.lstm.weight_hh_l0.detach()
+    def __init__(self, mdrnn: MDRNN, dtype: torch.dtype = torch.float32):
+        w_ih, w_hh = (w.detach().to(dtype) for w in (mdrnn.lstm.weight_ih_l0, mdrnn.lstm.weight_hh_l0))
         self.bias = w_ih[:, -1].contiguous()
         self.weight_t = torch.cat([w_ih[:, :-1], w_hh], dim=1).T.contiguous()  # (Z + A + H, 4H)
 
@@ -260,16 +270,18 @@ def rollout(
     early_stop_steps: int = 0,
     fast: bool | None = None,
     trace: bool = False,
+    float64: bool = False,
 ) -> RolloutResult:
     """Run K episodes at once: environment k on the track of `seeds[k]` with controller `params[k]`.
 
     `params` is (K, P) (a (P,) vector is one controller); `fast` overrides
     `env_cfg.fast_render`. Episodes end when the environment terminates or truncates,
     after `max_steps` steps, or by early termination (module docstring). With
-    `trace=True` the result keeps every step's frame, z, action and reward.
+    `trace=True` the result keeps every step's frame, z, action and reward. `float64`:
+    exact driving (module docstring).
     """
     with one_torch_thread(), torch.inference_mode():
-        return _rollout(agent, params, seeds, env_cfg, max_steps, early_stop_steps, fast, trace)
+        return _rollout(agent, params, seeds, env_cfg, max_steps, early_stop_steps, fast, trace, float64)
 
 
 def _rollout(
@@ -281,6 +293,7 @@ def _rollout(
     early_stop_steps: int,
     fast: bool | None,
     trace: bool,
+    float64: bool,
 ) -> RolloutResult:
     env_cfg = env_cfg or EnvConfig()
     if fast is not None and fast != env_cfg.fast_render:
@@ -289,9 +302,10 @@ def _rollout(
     k = len(seeds)
     if params.shape[0] != k:
         raise ValueError(f"params has {params.shape[0]} rows but {k} seeds were given")
-    controller = BatchedController(agent.shape, params)
-    encode = _Encoder(agent.vae, agent.encode_bf16)
-    cell = _LSTMCell(agent.mdrnn) if agent.shape.uses_h else None
+    dtype = torch.float64 if float64 else torch.float32
+    controller = BatchedController(agent.shape, params, dtype)
+    encode = _Encoder(agent.vae, agent.encode_bf16 and not float64, dtype)
+    cell = _LSTMCell(agent.mdrnn, dtype) if agent.shape.uses_h else None
 
     envs = _envs(env_cfg, k)
     first = envs[0].observation_space.shape
@@ -299,8 +313,8 @@ def _rollout(
     for i, (env, seed) in enumerate(zip(envs, seeds)):
         frames[i], _ = env.reset(seed=int(seed))
     if cell is not None:
-        h = torch.zeros(k, agent.hidden_size)
-        c = torch.zeros(k, agent.hidden_size)
+        h = torch.zeros(k, agent.hidden_size, dtype=dtype)
+        c = torch.zeros(k, agent.hidden_size, dtype=dtype)
     returns = np.zeros(k, dtype=np.float64)
     steps = np.zeros(k, dtype=np.int64)
     since_tile = np.zeros(k, dtype=np.int64)
@@ -315,7 +329,7 @@ def _rollout(
         sel = None if full else idx
         if cell is not None:
             hs, cs = (h, c) if full else (h[idx], c[idx])
-            actions = controller(z, hs, sel)
+            actions = controller(z, hs, sel).float().to(dtype)  # the float32 actions the environment gets
             h_new, c_new = cell(z, actions, hs, cs)
             if full:
                 h, c = h_new, c_new
@@ -323,9 +337,9 @@ def _rollout(
                 h[idx], c[idx] = h_new, c_new
         else:
             actions = controller(z, None, sel)
-        actions_np = actions.numpy()
+        actions_np = actions.float().numpy()
         if log is not None:
-            z_np = z.numpy()
+            z_np = z.float().numpy()
             for j, i in enumerate(idx):
                 log[i].append((frames[i].copy(), z_np[j].copy(), actions_np[j].copy()))
 
@@ -411,6 +425,8 @@ class RolloutTask:
     env_cfg: EnvConfig
     max_steps: int = 1000
     early_stop_steps: int = 0
+    float64: bool = False
+    """Exact driving (see the module docstring)."""
 
     def __repr__(self) -> str:  # short: executors name failing tasks by their repr
         return (
@@ -433,6 +449,7 @@ def run_task(agent: Agent, task: RolloutTask) -> RolloutResult:
         task.env_cfg,
         max_steps=task.max_steps,
         early_stop_steps=task.early_stop_steps,
+        float64=task.float64,
     )
 
 
@@ -462,8 +479,12 @@ def evaluate(
     workers: int = 1,
     executor: Any = None,
     timeout: float | None = None,
+    float64: bool = True,
 ) -> EvalResult:
     """Full episodes (no early termination) of one controller `params` (P,) on each seed.
+
+    The agent drives exactly (`float64`, see the module docstring), so the returns are the
+    same on any CPU and for any `envs_per_batch`.
 
     Seeds are split into vectors of `envs_per_batch` environments. With `workers > 1`
     the vectors run in that many local processes (0: one per core), each building the
@@ -474,7 +495,7 @@ def evaluate(
     params = np.asarray(params, dtype=np.float64).reshape(-1)
     seeds = [int(s) for s in seeds]
     tasks = [
-        RolloutTask(np.tile(params, (len(ch), 1)), ch, env_cfg, max_steps)
+        RolloutTask(np.tile(params, (len(ch), 1)), ch, env_cfg, max_steps, float64=float64)
         for ch in (seeds[i : i + envs_per_batch] for i in range(0, len(seeds), envs_per_batch))
     ]
     if executor is None and workers == 1:
