@@ -8,7 +8,7 @@ from worldmodels import pretrained
 from worldmodels.config import preset
 from worldmodels.controller import ControllerShape, save_controller
 from worldmodels.mdrnn import MDRNN
-from worldmodels.rollout import Agent
+from worldmodels.rollout import Agent, evaluate_run
 from worldmodels.runs import RunDir, load_tensors, save_tensors, write_json
 from worldmodels.vae import VAE
 
@@ -147,9 +147,15 @@ def test_export_with_evaluate_ships_the_evaluation_of_the_shipped_weights(tmp_pa
     cfg = run.load_config().replace(**{"eval.episodes": 2, "eval.max_steps": 20, "cma.workers": 1})
     (run.path / "config.json").write_text(cfg.to_json())
     root = tmp_path / "shipped"
+    made_up = {"returns": [1.0, 3.0], "mean": 2.0, "seeds": [cfg.eval.seed, cfg.eval.seed + 1], "max_steps": 20}
+    write_json(run.eval / "results.json", made_up)
+    with pytest.raises(ValueError, match=r"shipped weights score .* where .*results\.json has 2\.0"):
+        pretrained.export(run, "tiny", evaluate=True, root=root)  # the fixture's returns are made up
+    assert pretrained.available(root) == []  # no manifest: not loadable
+    own = evaluate_run(run)
     folder = pretrained.export(run, "tiny", evaluate=True, root=root)
     shipped = json.loads((folder / "eval" / "results.json").read_text())
-    assert json.loads((folder / "eval" / "results_float32.json").read_text())["mean"] == 2.0  # the run's own
+    assert shipped["returns"] == own["returns"]  # V's float16 decoder does not drive
     assert shipped["episodes"] == 2 and shipped["max_steps"] == 20 and shipped["controller"] == "controller/best.safetensors"
     assert pretrained.verify("tiny", root=root) == folder
     # The command reproduces the shipped evaluation exactly.

@@ -180,12 +180,12 @@ def _encode_initial_frames(run: RunDir, frame: int, chunk: int = 32) -> tuple[np
     cfg = run.load_config()
     if cfg is None:
         raise FileNotFoundError(f"{run.path}: no latents, no {STARTS_FILE} and no config.json to regenerate them from")
-    vae = load_vae(run)
+    vae = load_vae(run).double()  # float64, then float16: the same bits on any CPU
     mus, logvars = [], []
     for k in range(0, cfg.data.episodes, chunk):
         episodes = dataset_episodes(cfg, run, range(k, min(k + chunk, cfg.data.episodes)), steps=frame + 1)
         frames = np.stack([ep.obs[frame] if frame < len(ep) else ep.final_obs for ep in episodes])
-        mu, logvar = vae.encode(frames_to_tensor(frames))
+        mu, logvar = vae.encode(frames_to_tensor(frames).double())
         mus.append(mu.half().float().numpy())
         logvars.append(logvar.half().float().numpy())
     return np.concatenate(mus), np.concatenate(logvars)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +36,9 @@ WEIGHTS = ("vae/vae.safetensors", "mdrnn/mdrnn.safetensors", "controller/best.sa
 HALF = {"vae/vae.safetensors": ("fc_decode.", "decoder.")}
 """Tensors stored in float16 by :func:`export` when ``half`` is set: V's decoder only, which
 draws pictures and never drives. Everything the agent drives with (V's encoder, M, C) stays
-float32, so the shipped agent drives exactly like the run's: float16 everywhere changed the
-book run's score from 805.2 to 788.3 (chaotic trajectories amplify the rounding)."""
+float32, so the shipped agent drives exactly like the run's and its evaluation returns the
+run's own, track for track. Rounding those weights to float16 makes another agent: a change
+in the last bits of an action sends CarRacing's car down another trajectory."""
 RECORDS = (
     "config.json",
     "data/manifest.json",
@@ -169,10 +169,11 @@ def export(
     scale).
 
     With `evaluate`, the shipped weights themselves are evaluated with the run's protocol
-    (``eval.episodes`` tracks from ``eval.seed``, every core) and that becomes the shipped
-    ``eval/results.json``, so that ``python -m worldmodels evaluate --pretrained NAME``
-    reproduces it exactly; the run's own evaluation (full-precision weights) is shipped
-    beside it as ``eval/results_float32.json``.
+    (``eval.episodes`` tracks from ``eval.seed``, every core) into the shipped
+    ``eval/results.json``, which ``python -m worldmodels evaluate --pretrained NAME`` then
+    reproduces on any CPU (the evaluation drives exactly, see :mod:`worldmodels.rollout`).
+    When the run has an evaluation of the same tracks, the returns must be the same: the
+    shipped weights drive like the run's, or a :class:`ValueError` names both files.
 
     The manifest is written last, so an interrupted export is never loadable.
     """
@@ -205,23 +206,26 @@ def export(
     save_initial_latents(run, folder / STARTS_FILE)
     files.append(STARTS_FILE)
     if evaluate:
-        files += _evaluate_shipped(folder)
+        _evaluate_shipped(folder, run.path / "eval" / "results.json")
+        files += [] if "eval/results.json" in files else ["eval/results.json"]
     write_json(folder / MANIFEST, {"name": name, "sha256": {rel: _sha256(folder / rel) for rel in files}})
     return folder
 
 
-def _evaluate_shipped(folder: Path) -> list[str]:
-    """Evaluate the weights in `folder` (a run layout) into its eval/results.json; the files written."""
+def _evaluate_shipped(folder: Path, run_results: Path) -> None:
+    """Evaluate the weights in `folder` (a run layout) into its eval/results.json, checked
+    against the run's own evaluation `run_results` where it has one of the same tracks."""
     from worldmodels.rollout import evaluate_run
 
-    results = folder / "eval" / "results.json"
-    written = []
-    if results.exists():
-        os.replace(results, folder / "eval" / "results_float32.json")
-        written.append("eval/results_float32.json")
     shipped = evaluate_run(folder)
-    write_json(results, {**shipped, "controller": "controller/best.safetensors"})
-    return written + ["eval/results.json"]
+    write_json(folder / "eval" / "results.json", {**shipped, "controller": "controller/best.safetensors"})
+    own = json.loads(run_results.read_text()) if run_results.exists() else {}
+    same_protocol = own.get("seeds") == shipped["seeds"] and own.get("max_steps") == shipped["max_steps"]
+    if same_protocol and own.get("returns") != shipped["returns"]:
+        raise ValueError(
+            f"{folder / 'eval' / 'results.json'}: the shipped weights score {shipped['mean']:.1f} on the tracks "
+            f"where {run_results} has {own['mean']:.1f}; they do not drive like the run's (see HALF)"
+        )
 
 
 def _same_safetensors(a: bytes, b: bytes) -> bool:
