@@ -134,6 +134,7 @@ def main() -> None:
     print(
         f"{args.processes} processes x {args.envs} envs, {args.steps}-step episodes, {args.repeats} rounds"
         + (", V under bf16 autocast" if args.bf16 else "")
+        + (", exact driving (float64)" if args.float64 else "")
     )
     print()
     print("| arm | steps/s (all processes) | per process | agent / arm (all rounds) | agent / arm (median round) |")

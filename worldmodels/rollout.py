@@ -74,7 +74,8 @@ class Agent:
     hidden_units: int = 40
     encode_bf16: bool = False
     """Encode frames under bfloat16 autocast: about 1.8x faster V on CPUs with native bf16
-    (AMX, AVX512-BF16), at a relative error of about 1e-3 in z; off by default."""
+    (AMX, AVX512-BF16), at a relative error of about 1e-3 in z; off by default, and
+    ignored by exact driving (``float64``, module docstring)."""
 
     def __post_init__(self) -> None:
         self.vae = self.vae.cpu().eval()
