@@ -1,4 +1,7 @@
 import json
+import os
+import subprocess
+import sys
 
 import imageio.v3 as iio
 import numpy as np
@@ -9,7 +12,7 @@ from worldmodels.cli import main
 from worldmodels.config import preset
 from worldmodels.controller import ControllerShape, save_controller
 from worldmodels.mdrnn import MDRNN
-from worldmodels.rollout import Agent, _LSTMCell, build_agent, evaluate, record, rollout
+from worldmodels.rollout import Agent, _LSTMCell, agent_config, build_agent, evaluate, record, rollout
 from worldmodels.runs import RunDir, save_tensors
 from worldmodels.vae import VAE, frames_to_tensor
 
@@ -74,12 +77,6 @@ print(json.dumps({"returns": r.returns.tolist(), "actions": [t.actions.tolist() 
 
 def test_exact_driving_gives_the_same_actions_with_other_cpu_kernels(tmp_path):
     """Float64 driving under kernels limited to SSE4 (another CPU's rounding) and one by one."""
-    import os
-    import subprocess
-    import sys
-
-    from worldmodels.rollout import agent_config
-
     agent = make_agent()
     vae_state, mdrnn_state, _ = agent.init_args()
     cfg = agent_config(agent, CFG)
