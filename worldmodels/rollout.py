@@ -159,12 +159,12 @@ class _Encoder:
     """
 
     def __init__(self, vae: VAE, bf16: bool = False, dtype: torch.dtype = torch.float32):
-        if dtype != torch.float32:
-            vae = copy.deepcopy(vae).to(dtype)
-        enc = vae.encoder
-        self.vae, self.bf16, self.dtype = vae, bf16, dtype
+        enc, fc_mu = vae.encoder, vae.fc_mu
+        if dtype != torch.float32:  # a copy of the encoder's part only: the decoder never drives
+            enc, fc_mu = copy.deepcopy(enc).to(dtype), copy.deepcopy(fc_mu).to(dtype)
+        self.enc, self.fc_mu, self.bf16, self.dtype = enc, fc_mu, bf16, dtype
         self.convs = [enc[0], enc[2], enc[4]]
-        conv4, fc_mu = enc[6], vae.fc_mu
+        conv4 = enc[6]
         c_out, c_in, k, _ = conv4.weight.shape
         self.k, self.c_out = k, c_out
         self.w4 = conv4.weight.detach().permute(0, 2, 3, 1).reshape(c_out, -1).T.contiguous()  # rows (h, w, c)
@@ -185,7 +185,7 @@ class _Encoder:
             x = torch.relu_(conv(x))
         n, _, height, width = x.shape
         if (height, width) != (6, 6):  # another frame size: the plain modules
-            return self.vae.fc_mu(self.vae.encoder[6:](x))
+            return self.fc_mu(self.enc[6:](x))
         x = x.permute(0, 2, 3, 1)  # (N, 6, 6, C)
         k = self.k
         fields = torch.stack([x[:, i : i + k, j : j + k] for i in (0, 2) for j in (0, 2)], dim=1)

@@ -207,7 +207,8 @@ def export(
     files.append(STARTS_FILE)
     if evaluate:
         _evaluate_shipped(folder, run.path / "eval" / "results.json")
-        files += [] if "eval/results.json" in files else ["eval/results.json"]
+        if "eval/results.json" not in files:  # the run had no evaluation of its own
+            files.append("eval/results.json")
     write_json(folder / MANIFEST, {"name": name, "sha256": {rel: _sha256(folder / rel) for rel in files}})
     return folder
 
