@@ -107,6 +107,23 @@ def test_is_evaluated_follows_the_results_file(main_run):
     assert is_evaluated(main_run, "z")
 
 
+def test_a_controller_evolved_for_longer_is_evaluated_again(main_run):
+    from worldmodels.ablations import is_evaluated
+
+    first = run_ablation(CFG, main_run, "z", quiet=True)
+    assert first["controller_generations"] == 1
+    longer = CFG.replace(**{"cma.generations": 2})
+    assert run_ablation(longer, main_run, "z", quiet=True, evaluate=False) is None
+    # The results on disk are the one-generation controller's: stale, neither returned nor tabled.
+    assert json.loads((ablation_dir(main_run, "z").path / "eval" / "results.json").read_text()) == first
+    assert not is_evaluated(main_run, "z")
+    row = table(main_run)[1]
+    assert row["generations"] == 2 and "mean" not in row
+    second = run_ablation(longer, main_run, "z", quiet=True)
+    assert second["controller_generations"] == 2 and second["seconds"] != first["seconds"]
+    assert table(main_run)[1]["mean"] == second["mean"]
+
+
 def test_table_counts_training_validation_and_selection_episodes(tmp_path):
     cfg = preset("book")
     run = RunDir(tmp_path / "run")

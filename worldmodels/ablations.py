@@ -87,9 +87,23 @@ def _share(main: RunDir, sub: RunDir, stage: str) -> None:
                 shutil.copyfile(src / name, tmp)
 
 
+def current_results(run: RunDir) -> dict[str, Any] | None:
+    """``run/eval/results.json``, or None when there is none or it evaluated a controller that has
+    since evolved for more generations (its ``controller_generations`` is not ``done.json``'s)."""
+    results_path = run.path / "eval" / "results.json"
+    if not results_path.exists():
+        return None
+    results = read_json(results_path)
+    done_path = run.path / "controller" / "done.json"
+    evaluated = results.get("controller_generations")
+    if evaluated is not None and done_path.exists() and read_json(done_path)["generations"] != evaluated:
+        return None
+    return results
+
+
 def is_evaluated(run: str | Path | RunDir, name: str) -> bool:
-    """Whether ablation `name` of the main run `run` is finished and evaluated."""
-    return (ablation_dir(run, name).path / "eval" / "results.json").exists()
+    """Whether ablation `name` of the main run `run` is finished and its evaluation is current."""
+    return current_results(ablation_dir(run, name)) is not None
 
 
 def run_ablation(
@@ -127,9 +141,9 @@ def run_ablation(
     train_controller(sub_cfg, sub, quiet=quiet, max_generations=max_generations)
     if not is_finished(sub.controller, sub_cfg.cma):
         return None
-    results_path = sub.path / "eval" / "results.json"
-    if results_path.exists():
-        return read_json(results_path)
+    results = current_results(sub)
+    if results is not None:
+        return results
     if not evaluate:
         return None
     return evaluate_run(sub, sub_cfg)
@@ -155,9 +169,8 @@ def _row(name: str, ablation: Ablation, run: RunDir) -> dict[str, Any]:
         if selection_path.exists():
             selection = read_json(selection_path)
             row["controller_episodes"] += len(selection["candidates"]) * selection["selection_episodes"]
-    results_path = run.path / "eval" / "results.json"
-    if results_path.exists():
-        results = read_json(results_path)
+    results = current_results(run)
+    if results is not None:
         row.update({k: results[k] for k in ("episodes", "mean", "std", "min", "max")})
         row["eval_seconds"] = results.get("seconds")
     return row

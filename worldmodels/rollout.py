@@ -548,11 +548,13 @@ def evaluate_run(
     episodes of at most `max_steps` steps (default ``cfg.eval.max_steps``), in ``workers``
     processes (default ``cfg.cma.workers``; 0: one per core). Writes and
     returns ``run/eval/results.json``: returns, seeds, episodes, mean, std, min, max,
-    the controller's path, max_steps and the seconds it took.
+    the controller's path, max_steps, the seconds it took and, for the run's own best
+    controller, ``controller_generations`` (the generations it was chosen from, so that
+    results of a controller since evolved for longer are known to be stale).
     """
     import time
 
-    from worldmodels.runs import write_json
+    from worldmodels.runs import read_json, write_json
 
     run = as_run_dir(run)
     cfg = cfg or run.load_config()
@@ -572,6 +574,9 @@ def evaluate_run(
     )
     seconds = round(time.perf_counter() - start, 3)
     out = {**result.to_dict(), "controller": str(path), "max_steps": max_steps, "seconds": seconds}
+    done = run.controller / "done.json"
+    if controller is None and done.exists():
+        out["controller_generations"] = read_json(done)["generations"]
     write_json(run.eval / "results.json", out)
     return out
 
