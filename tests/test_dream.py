@@ -156,14 +156,17 @@ def test_initial_latents_come_from_the_latents_a_starts_file_or_regenerated_epis
 
 def test_train_controller_in_dream_tiny(tmp_path, monkeypatch):
     from worldmodels.controller import load_controller
+    from worldmodels.dream import dream_cma
+    from worldmodels.evolution import read_history
     from worldmodels.runs import read_json
     from worldmodels.vae import VAE
 
     cfg = preset(
         "tiny",
         **{
-            "cma.population": 4, "cma.generations": 2, "cma.eval_episodes": 2, "cma.episodes_per_candidate": 2,
-            "cma.workers": 1, "dream.max_steps": 15, "dream.temperature": 1.15, "eval.episodes": 1,
+            "cma.population": 4, "cma.generations": 3, "cma.eval_episodes": 2, "cma.episodes_per_candidate": 2,
+            "cma.workers": 1, "dream.max_steps": 15, "dream.temperature": 1.15, "dream.generations": 2,
+            "eval.episodes": 1,
         },
     )
     run = RunDir(tmp_path / "run")
@@ -186,6 +189,9 @@ def test_train_controller_in_dream_tiny(tmp_path, monkeypatch):
     assert summary["1.15"]["dream_return"] == pytest.approx(res.dream_return)
     saved = load_controller(run.controller / "dream_tau1.15_best.safetensors")
     np.testing.assert_array_equal(saved.params, res.params)
+    # dream.generations, not cma.generations (the real controller's), sets the dream's length.
+    assert len(read_history(run.controller / "dream_tau1.15_history.csv")) == 2
+    assert dream_cma(cfg).generations == 2 and dream_cma(cfg.replace(**{"dream.generations": 0})).generations == 3
 
     # Another temperature in the same run directory: its own files, the same JSON.
     cold = cfg.replace(**{"dream.temperature": 0.5})

@@ -239,6 +239,8 @@ class DreamConfig(_Section):
     """Temperature tau of M's sampling: mixture logits / tau, sigma * sqrt(tau)."""
     max_steps: int = _bounded(1000, 1, CARRACING_MAX_STEPS)
     """Steps per dreamed episode."""
+    generations: int = _bounded(0, 0, extendable=True)
+    """CMA-ES generations in the dream (0: as many as ``cma.generations``)."""
 
     _section = "dream"
 
@@ -471,6 +473,9 @@ def book() -> Config:
             select_episodes=48,
             early_stop_steps=100,
         ),
+        # The dream's controller is chapter 6's demonstration (it does not transfer to the
+        # real track); 120 generations (~7 min) show its learning curve flatten.
+        dream=DreamConfig(generations=120),
         eval=EvalConfig(episodes=100),
     )
 

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from worldmodels.config import CARRACING_MAX_STEPS, Config
+from worldmodels.config import CARRACING_MAX_STEPS, CMAConfig, Config
 from worldmodels.controller import BatchedController, ControllerShape, load_controller, save_controller
 from worldmodels.data import dataset_episodes
 from worldmodels.evolution import Task, evolve, is_finished
@@ -259,6 +259,13 @@ class DreamResult:
     """Its evaluation in the real environment (:class:`worldmodels.rollout.EvalResult` as a dict)."""
 
 
+def dream_cma(cfg: Config) -> CMAConfig:
+    """``cfg.cma`` as the dream uses it: ``cfg.dream``'s generations (when set) and episode
+    length, and no early termination (a dream has no tiles)."""
+    generations = cfg.dream.generations or cfg.cma.generations
+    return dataclasses.replace(cfg.cma, generations=generations, max_steps=cfg.dream.max_steps, early_stop_steps=0)
+
+
 def train_controller_in_dream(
     cfg: Config,
     run: str | Path | RunDir,
@@ -280,8 +287,8 @@ def train_controller_in_dream(
         best mean (on fixed dream validation seeds) -> real CarRacing on cfg.eval's tracks
 
     Uses cfg.cma for the search (population, episodes_per_candidate, sigma0,
-    generations, eval_every, eval_episodes, seed) and cfg.dream.max_steps for the
-    length of a dream. Files in ``run/controller/``: ``dream_tau{tau}_es.pkl``,
+    eval_every, eval_episodes, seed), and cfg.dream for the generations (see
+    :func:`dream_cma`) and the length of a dream. Files in ``run/controller/``: ``dream_tau{tau}_es.pkl``,
     ``_history.csv``, ``_best.safetensors``, ``_last.safetensors``, ``_done.json`` and
     ``dream.json`` (per tau: dream return, real mean and std). Runs at several
     temperatures may share a run directory (the temperature is not checked against the
@@ -300,7 +307,7 @@ def train_controller_in_dream(
     summary = read_json(summary_path) if summary_path.exists() else {}
     key = f"{tau:g}"
 
-    cma_cfg = dataclasses.replace(cfg.cma, max_steps=cfg.dream.max_steps, early_stop_steps=0)
+    cma_cfg = dream_cma(cfg)
     if is_finished(out, cma_cfg, prefix):  # finished, perhaps shipped without its checkpoint: load
         done = read_json(out / f"{prefix}done.json")
         params = load_controller(out / f"{prefix}best.safetensors").params
