@@ -112,15 +112,17 @@ def test_a_controller_evolved_for_longer_is_evaluated_again(main_run):
 
     first = run_ablation(CFG, main_run, "z", quiet=True)
     assert first["controller_generations"] == 1
-    longer = CFG.replace(**{"cma.generations": 2})
-    assert run_ablation(longer, main_run, "z", quiet=True, evaluate=False) is None
-    # The results on disk are the one-generation controller's: stale, neither returned nor tabled.
-    assert json.loads((ablation_dir(main_run, "z").path / "eval" / "results.json").read_text()) == first
-    assert not is_evaluated(main_run, "z")
-    row = table(main_run)[1]
-    assert row["generations"] == 2 and "mean" not in row
+    longer = CFG.replace(**{"cma.generations": 3})
+    # Continued and interrupted (history.csv has grown, done.json not yet), then finished unevaluated:
+    # the results on disk are the one-generation controller's, stale, neither returned nor tabled.
+    for stop, evaluate in ((2, True), (None, False)):
+        assert run_ablation(longer, main_run, "z", quiet=True, max_generations=stop, evaluate=evaluate) is None
+        assert json.loads((ablation_dir(main_run, "z").path / "eval" / "results.json").read_text()) == first
+        assert not is_evaluated(main_run, "z")
+        row = table(main_run)[1]
+        assert row["generations"] == (stop or 3) and "mean" not in row
     second = run_ablation(longer, main_run, "z", quiet=True)
-    assert second["controller_generations"] == 2 and second["seconds"] != first["seconds"]
+    assert second["controller_generations"] == 3 and second["seconds"] != first["seconds"]
     assert table(main_run)[1]["mean"] == second["mean"]
 
 

@@ -89,14 +89,19 @@ def _share(main: RunDir, sub: RunDir, stage: str) -> None:
 
 def current_results(run: RunDir) -> dict[str, Any] | None:
     """``run/eval/results.json``, or None when there is none or it evaluated a controller that has
-    since evolved for more generations (its ``controller_generations`` is not ``done.json``'s)."""
+    since evolved for more generations (its ``controller_generations`` is not the number in
+    ``done.json`` or in ``history.csv``, which grows first when a run is continued)."""
+    from worldmodels.evolution import read_history
+
     results_path = run.path / "eval" / "results.json"
     if not results_path.exists():
         return None
     results = read_json(results_path)
-    done_path = run.path / "controller" / "done.json"
     evaluated = results.get("controller_generations")
-    if evaluated is not None and done_path.exists() and read_json(done_path)["generations"] != evaluated:
+    done_path, history_path = run.path / "controller" / "done.json", run.path / "controller" / "history.csv"
+    trained = [read_json(done_path)["generations"]] if done_path.exists() else []
+    trained += [len(read_history(history_path))] if history_path.exists() else []
+    if evaluated is not None and any(t != evaluated for t in trained):
         return None
     return results
 
