@@ -1,7 +1,7 @@
 """Configuration: one dataclass per stage, grouped in :class:`Config`, and three presets.
 
 * ``tiny``: CI and tests, every stage in seconds on two CPU cores.
-* ``book``: a reader's laptop (two CPU cores, about two hours for the whole pipeline).
+* ``book``: a reader's laptop (two CPU cores, about three hours for the whole pipeline, most of it the controller).
 * ``paper``: the hyperparameters of Ha & Schmidhuber (2018) and the authors' code.
 
 Every field carries its own docstring (the CLI's ``--help`` shows it) and, where it has
@@ -431,7 +431,7 @@ def paper() -> Config:
 
 
 def book() -> Config:
-    """A reader's laptop: two CPU cores, about two hours for the whole pipeline.
+    """A reader's laptop: two CPU cores, about three hours for the whole pipeline.
 
     Budget measured on a 2-core Xeon (benchmarks/README.md): collection ~740 steps/s,
     V ~500 frames/s, M ~47,000 sequence steps/s, agent rollouts ~600 steps/s. The
