@@ -145,10 +145,10 @@ def test_table_counts_training_validation_and_selection_episodes(tmp_path):
 def test_markdown_table_bolds_scores_and_marks_rows_not_evaluated():
     rows = [
         {"label": "full", "paper": "906 ± 21", "mean": 805.24, "std": 145.17, "min": 261.6, "max": 918.2,
-         "controller_episodes": 8064, "controller_seconds": 6000.0, "eval_seconds": 480.0},
+         "generations": 120, "controller_episodes": 8064, "controller_seconds": 6000.0, "eval_seconds": 480.0},
         {"label": "untrained", "paper": "870 ± 120"},
     ]
     lines = markdown_table(rows).splitlines()
-    assert len(lines) == 4 and all(line.count("|") == 8 for line in lines)
-    assert lines[2] == "| full | 906 ± 21 | **805.2 ± 145.2** | 262 | 918 | 8,064 | 1.80 |"
-    assert lines[3] == "| untrained | 870 ± 120 | not evaluated yet | | | | |"
+    assert len(lines) == 4 and all(line.count("|") == 9 for line in lines)
+    assert lines[2] == "| full | 906 ± 21 | **805.2 ± 145.2** | 262 | 918 | 120 | 8,064 | 1.80 |"
+    assert lines[3] == "| untrained | 870 ± 120 | not evaluated yet | | | | | |"

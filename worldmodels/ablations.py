@@ -222,15 +222,15 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     """The rows of :func:`table` as a Markdown table (the README's), scores in bold; a row not
     evaluated yet says so and leaves its other cells empty."""
     lines = [
-        "| setting | paper | this run | min | max | C episodes | C hours |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| setting | paper | this run | min | max | generations | C episodes | C hours |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         if "mean" not in r:
-            lines.append(f"| {r['label']} | {r['paper']} | not evaluated yet | | | | |")
+            lines.append(f"| {r['label']} | {r['paper']} | not evaluated yet | | | | | |")
             continue
         lines.append(
             f"| {r['label']} | {r['paper']} | **{r['mean']:.1f} ± {r['std']:.1f}** | {r['min']:.0f} | {r['max']:.0f} "
-            f"| {r.get('controller_episodes', 0):,d} | {_controller_hours(r):.2f} |"
+            f"| {r.get('generations', 0)} | {r.get('controller_episodes', 0):,d} | {_controller_hours(r):.2f} |"
         )
     return "\n".join(lines)
