@@ -157,6 +157,7 @@ def test_export_with_evaluate_ships_the_evaluation_of_the_shipped_weights(tmp_pa
     shipped = json.loads((folder / "eval" / "results.json").read_text())
     assert shipped["returns"] == own["returns"]  # V's float16 decoder does not drive
     assert shipped["episodes"] == 2 and shipped["max_steps"] == 20 and shipped["controller"] == "controller/best.safetensors"
+    assert shipped["seconds"] == own["seconds"]  # reproduced: the run's own evaluation is shipped
     assert pretrained.verify("tiny", root=root) == folder
     # The command reproduces the shipped evaluation exactly.
     monkeypatch.setattr(pretrained, "ROOT", root)
