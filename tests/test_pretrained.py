@@ -152,6 +152,8 @@ def test_export_with_evaluate_ships_the_evaluation_of_the_shipped_weights(tmp_pa
     with pytest.raises(ValueError, match=r"shipped weights score .* where .*results\.json has 2\.0"):
         pretrained.export(run, "tiny", evaluate=True, root=root)  # the fixture's returns are made up
     assert pretrained.available(root) == []  # no manifest: not loadable
+    mismatch = json.loads((root / "tiny" / "eval" / "results.json").read_text())
+    assert mismatch["mean"] != 2.0 and mismatch["returns"] != made_up["returns"]  # the file the error names holds the shipped weights' evaluation (evaluate_run wrote it)
     own = evaluate_run(run)
     folder = pretrained.export(run, "tiny", evaluate=True, root=root)
     shipped = json.loads((folder / "eval" / "results.json").read_text())
