@@ -12,7 +12,8 @@ from worldmodels.ablations import ABLATIONS, MAIN, ablation_config, ablation_dir
 from worldmodels.config import preset
 from worldmodels.mdrnn import MDRNN
 from worldmodels.runs import RunDir, save_tensors, write_json
-from worldmodels.train import load_mdrnn, load_vae, stage_summary, train_mdrnn
+from worldmodels.runs import load_mdrnn, load_vae
+from worldmodels.train import stage_summary, train_mdrnn
 from worldmodels.vae import VAE
 
 CFG = preset(

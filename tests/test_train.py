@@ -10,11 +10,11 @@ import torch
 from safetensors import safe_open
 
 from worldmodels import cli, train
-from worldmodels.config import preset
+from worldmodels.config import ConfigError, preset, resolve_device
 from worldmodels.data import collect, episode_files, load_episode, load_latents
 from worldmodels.data import EpisodeError
 from worldmodels.mdrnn import MDRNN
-from worldmodels.runs import RunDir, load_tensors, read_json
+from worldmodels.runs import RunDir, load_mdrnn, load_tensors, load_vae, read_json
 from worldmodels.vae import VAE, frames_to_tensor
 
 
@@ -63,11 +63,11 @@ def saved_step(path):
 
 
 def test_resolve_device():
-    assert train.resolve_device("cpu") == torch.device("cpu")
-    assert train.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
-        with pytest.raises(train.TrainingError, match="CUDA is not available"):
-            train.resolve_device("cuda")
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            resolve_device("cuda")
 
 
 def test_v_and_m_losses_go_down_when_overfitting_a_fixed_batch(trained_run):
@@ -203,7 +203,7 @@ def test_nan_loss_stops_v_and_keeps_the_last_good_checkpoint(tmp_path, data_run,
     with pytest.raises(train.TrainingError, match=r"V: the reconstruction loss is nan at step 2 .*step 1\)"):
         train.train_vae(cfg, run, quiet=True)
     assert saved_step(run / "vae" / "last.safetensors") == 1
-    kept = train.load_vae(run, which="last").state_dict()
+    kept = load_vae(run, which="last").state_dict()
     assert all(torch.equal(kept[k], good[k]) for k in good)
     monkeypatch.undo()
     train.train_vae(cfg, run, quiet=True, max_steps=2)  # and training goes on from there
@@ -225,7 +225,7 @@ def test_nan_in_data_stops_m_with_a_clear_error(tmp_path, trained_run):
 def test_encode_writes_float16_latents_and_resumes(tmp_path, trained_run):
     files = sorted((trained_run / "latents").glob("episode_*.npz"))
     assert len(files) == 4 and (trained_run / "latents" / "done.json").exists()
-    vae = train.load_vae(trained_run)
+    vae = load_vae(trained_run)
     for path in files:
         ep = load_episode(trained_run / "data" / path.name)
         with np.load(path) as f:
@@ -271,9 +271,9 @@ def test_load_reports_the_missing_weights_file(tmp_path, data_run):
     run = fresh(tmp_path, data_run)
     RunDir(run).bind(tiny())
     with pytest.raises(FileNotFoundError, match=r"mdrnn\.safetensors.*train-mdrnn"):
-        train.load_mdrnn(run)
+        load_mdrnn(run)
     with pytest.raises(FileNotFoundError, match=r"vae\.safetensors.*train-vae"):
-        train.load_vae(run)
+        load_vae(run)
 
 
 def test_missing_episodes_are_a_clear_error(tmp_path, data_run):
@@ -295,7 +295,7 @@ def test_cli_end_to_end(tmp_path, data_run, capsys):
     cli.main(["train-mdrnn", *common])
     out = capsys.readouterr().out
     assert "M: trained 3 steps in 1 epochs" in out and "gmm" in out
-    mdrnn = train.load_mdrnn(run)
+    mdrnn = load_mdrnn(run)
     assert mdrnn.hidden_size == 32 and (run / "mdrnn" / "mdrnn.safetensors").exists()
     assert train.train_mdrnn(tiny(), run, quiet=True) is not None  # finished: loads
 

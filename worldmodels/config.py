@@ -36,6 +36,22 @@ class ConfigError(ValueError):
     """An invalid configuration value; the message names the field and the allowed range."""
 
 
+def resolve_device(name: "str | torch.device" = "auto") -> "torch.device":
+    """The torch device for ``cfg.device``: 'auto' is CUDA when available, else the CPU."""
+    import torch
+
+    if isinstance(name, torch.device):
+        return name
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: {name!r} was asked for but CUDA is not available (use 'auto' or 'cpu')")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device: {name!r} was asked for but MPS is not available (use 'auto' or 'cpu')")
+    return device
+
+
 def _bounded(
     default: Any, lo: float | None = None, hi: float | None = None, *, runtime: bool = False, extendable: bool = False
 ) -> Any:

@@ -39,8 +39,7 @@ from worldmodels.data import dataset_episodes
 from worldmodels.evolution import Task, evolve, is_finished
 from worldmodels.mdrnn import MDRNN, sample_next_z
 from worldmodels.parallel import InlineExecutor, one_torch_thread
-from worldmodels.runs import RunDir, as_run_dir, read_json, save_npz, write_json
-from worldmodels.train import load_mdrnn, load_vae
+from worldmodels.runs import RunDir, as_run_dir, load_mdrnn, load_vae, read_json, save_npz, write_json
 from worldmodels.vae import frames_to_tensor
 
 INITIAL_FRAME = 50

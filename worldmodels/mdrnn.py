@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from worldmodels.config import Config
+
 LSTMState = tuple[Tensor, Tensor]
 """The recurrent state ``(h, c)``, each of shape (B, hidden_size)."""
 
@@ -78,6 +80,12 @@ class MDRNN(nn.Module):
         self.mdn = nn.Linear(hidden_size, z_size * n_gaussians * 3)
         self.reward_head = nn.Linear(hidden_size, 1) if reward_head else None
         self.done_head = nn.Linear(hidden_size, 1) if done_head else None
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> MDRNN:
+        """An untrained M of the shape ``cfg`` names (its heads included)."""
+        m = cfg.mdrnn
+        return cls(cfg.vae.z_size, 3, m.hidden_size, m.n_gaussians, reward_head=m.reward_head, done_head=m.done_head)
 
     def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> LSTMState:
         """Zero state ``(h, c)``, each (batch_size, hidden_size), on ``device`` (default: the model's)."""

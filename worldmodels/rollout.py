@@ -46,8 +46,7 @@ from worldmodels.controller import ACTION_SIZE, BatchedController, ControllerSha
 from worldmodels.env import make_env
 from worldmodels.mdrnn import MDRNN, sample_next_z
 from worldmodels.parallel import one_torch_thread
-from worldmodels.runs import RunDir, as_run_dir
-from worldmodels.train import load_mdrnn, load_vae
+from worldmodels.runs import RunDir, as_run_dir, load_mdrnn, load_vae
 from worldmodels.vae import VAE
 
 STEP_PENALTY = 0.1

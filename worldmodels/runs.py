@@ -17,7 +17,9 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from worldmodels.config import Config
+from worldmodels.config import Config, resolve_device
+from worldmodels.mdrnn import MDRNN
+from worldmodels.vae import VAE
 
 STAGES = ("data", "vae", "latents", "mdrnn", "controller", "eval")
 
@@ -147,3 +149,45 @@ class RunDir:
 
 def as_run_dir(run: str | Path | RunDir) -> RunDir:
     return run if isinstance(run, RunDir) else RunDir(run)
+
+
+# --- loading finished stages ---------------------------------------------------------------
+
+
+def _recorded_config(run: RunDir) -> Config:
+    cfg = run.load_config()
+    if cfg is None:
+        raise FileNotFoundError(f"{run.config_path}: no config; {run.path} is not a run directory")
+    return cfg
+
+
+def _load_model(run: str | Path | RunDir, stage: str, best_file: str, which: str, device: Any, build: Any) -> Any:
+    run = as_run_dir(run)
+    cfg, device = _recorded_config(run), resolve_device(device)
+    path = run.path / stage / {"best": best_file, "last": "last.safetensors"}[which]
+    if not path.exists():
+        command = {"vae": "train-vae", "mdrnn": "train-mdrnn"}[stage]
+        raise FileNotFoundError(
+            f"{path}: no such weights file; train it first (python -m worldmodels {command} --run-dir {run.path})"
+        )
+    model = build(cfg)
+    model.load_state_dict(load_tensors(path, device=str(device)))
+    return model.to(device).eval()
+
+
+def load_vae(run: str | Path | RunDir, device: Any = "cpu", *, which: str = "best") -> VAE:
+    """V's weights from ``run/vae/vae.safetensors`` (``which='best'``) or ``last.safetensors`` ('last').
+
+    Reads safetensors only (no pickle); the architecture comes from the run's config.json.
+    A missing file raises FileNotFoundError naming it.
+    """
+    return _load_model(run, "vae", "vae.safetensors", which, device, VAE.from_config)
+
+
+def load_mdrnn(run: str | Path | RunDir, device: Any = "cpu", *, which: str = "best") -> MDRNN:
+    """M's weights from ``run/mdrnn/mdrnn.safetensors`` (``which='best'``) or ``last.safetensors`` ('last').
+
+    Reads safetensors only (no pickle); the architecture comes from the run's config.json.
+    A missing file raises FileNotFoundError naming it.
+    """
+    return _load_model(run, "mdrnn", "mdrnn.safetensors", which, device, MDRNN.from_config)

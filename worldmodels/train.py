@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from worldmodels.config import Config
+from worldmodels.config import Config, resolve_device
 from worldmodels.data import (
     FrameDataset,
     SequenceDataset,
@@ -64,7 +64,7 @@ from worldmodels.data import (
     split_episodes,
 )
 from worldmodels.mdrnn import MDNOutput, MDRNN, MDRNNLoss, mdn_loss
-from worldmodels.runs import RunDir, as_run_dir, atomic_path, load_tensors, read_json, save_tensors, write_json
+from worldmodels.runs import RunDir, as_run_dir, atomic_path, load_mdrnn, load_tensors, load_vae, read_json, save_tensors, write_json
 from worldmodels.vae import VAE, VAELoss, frames_to_tensor, vae_loss
 
 CHECKPOINT_SECONDS = 600.0
@@ -84,71 +84,6 @@ _V_TRAIN, _V_TEST, _M_TRAIN, _M_TEST, _M_ORDER = 1, 2, 3, 4, 5
 
 class TrainingError(RuntimeError):
     """Training cannot go on (for example a loss became NaN); the message says where and why."""
-
-
-def resolve_device(name: str | torch.device = "auto") -> torch.device:
-    """The torch device for ``cfg.device``: 'auto' is CUDA when available, else the CPU."""
-    if isinstance(name, torch.device):
-        return name
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError(f"device {name!r} was asked for but CUDA is not available (use 'auto' or 'cpu')")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise TrainingError(f"device {name!r} was asked for but MPS is not available (use 'auto' or 'cpu')")
-    return device
-
-
-# --- loading finished stages --------------------------------------------------------------
-
-
-def _recorded_config(run: RunDir) -> Config:
-    cfg = run.load_config()
-    if cfg is None:
-        raise FileNotFoundError(f"{run.config_path}: no config; {run.path} is not a run directory")
-    return cfg
-
-
-def _weights(path: Path, stage_command: str, run: RunDir, device: str | torch.device) -> dict[str, Tensor]:
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{path}: no such weights file; train it first (python -m worldmodels {stage_command} --run-dir {run.path})"
-        )
-    return load_tensors(path, device=str(device))
-
-
-def load_vae(run: str | Path | RunDir, device: str | torch.device = "cpu", *, which: str = "best") -> VAE:
-    """V's weights from ``run/vae/vae.safetensors`` (``which='best'``) or ``last.safetensors`` ('last').
-
-    Reads safetensors only (no pickle); the architecture comes from the run's config.json.
-    A missing file raises FileNotFoundError naming it.
-    """
-    run = as_run_dir(run)
-    cfg, device = _recorded_config(run), resolve_device(device)
-    model = VAE(cfg.vae.z_size)
-    name = {"best": "vae.safetensors", "last": "last.safetensors"}[which]
-    model.load_state_dict(_weights(run.path / "vae" / name, "train-vae", run, device))
-    return model.to(device).eval()
-
-
-def _new_mdrnn(cfg: Config) -> MDRNN:
-    m = cfg.mdrnn
-    return MDRNN(cfg.vae.z_size, 3, m.hidden_size, m.n_gaussians, reward_head=m.reward_head, done_head=m.done_head)
-
-
-def load_mdrnn(run: str | Path | RunDir, device: str | torch.device = "cpu", *, which: str = "best") -> MDRNN:
-    """M's weights from ``run/mdrnn/mdrnn.safetensors`` (``which='best'``) or ``last.safetensors`` ('last').
-
-    Reads safetensors only (no pickle); the architecture comes from the run's config.json.
-    A missing file raises FileNotFoundError naming it.
-    """
-    run = as_run_dir(run)
-    cfg, device = _recorded_config(run), resolve_device(device)
-    model = _new_mdrnn(cfg)
-    name = {"best": "mdrnn.safetensors", "last": "last.safetensors"}[which]
-    model.load_state_dict(_weights(run.path / "mdrnn" / name, "train-mdrnn", run, device))
-    return model.to(device).eval()
 
 
 # --- randomness ----------------------------------------------------------------------------
@@ -782,7 +717,7 @@ def train_mdrnn(
     steps_per_epoch = math.ceil(len(train_ds) / m.batch_size)
 
     _seed_everything(cfg.train_seed)
-    model = _new_mdrnn(cfg).to(device)
+    model = MDRNN.from_config(cfg).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=m.learning_rate)
     precision = _Precision(device, enabled=False)  # the mixture densities stay in float32
     stage = _Stage("mdrnn", "M", folder, "mdrnn.safetensors", model, optimizer, precision, MDRNN_PARTS)
@@ -818,7 +753,7 @@ def train_mdrnn(
 def _untrained_mdrnn(cfg: Config, run: RunDir, device: torch.device) -> MDRNN:
     """M at its random initialisation (seeded by ``cfg.train_seed``), saved as the stage's result."""
     _seed_everything(cfg.train_seed)
-    model = _new_mdrnn(cfg)
+    model = MDRNN.from_config(cfg)
     folder = run.mdrnn
     save_tensors(folder / "mdrnn.safetensors", model.state_dict(), metadata={"step": "0", "stage": "mdrnn"})
     write_json(folder / "done.json", {

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from worldmodels.config import Config
+
 
 class VAE(nn.Module):
     """The paper's convolutional VAE ("V").
@@ -63,6 +65,11 @@ class VAE(nn.Module):
             nn.ConvTranspose2d(32, 3, kernel_size=6, stride=2),
             nn.Sigmoid(),
         )
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> VAE:
+        """An untrained V of the shape ``cfg`` names."""
+        return cls(cfg.vae.z_size)
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Return the posterior parameters ``(mu, logvar)``, each (N, z_size), of frames ``x`` (N, 3, 64, 64).
