@@ -23,6 +23,20 @@ from worldmodels.vae import VAE
 
 STAGES = ("data", "vae", "latents", "mdrnn", "controller", "eval")
 
+# The run directory's layout, named here and nowhere else: ``run.path / STAGE / FILE``.
+CONFIG_FILE = "config.json"
+DONE_FILE = "done.json"  # in a stage's folder once the stage has finished, with its final metrics
+METRICS_FILE = "metrics.csv"  # V's and M's training rows
+LAST_WEIGHTS = "last.safetensors"  # the weights at the last checkpoint (V, M, C)
+BEST_WEIGHTS = {"vae": "vae.safetensors", "mdrnn": "mdrnn.safetensors", "controller": "best.safetensors"}
+TRAIN_STATE = "state.pt"  # V's and M's optimiser and RNG states (pickled, read only from the run itself)
+MANIFEST_FILE = "manifest.json"  # data/: the episodes and their checksums
+ES_CHECKPOINT = "es.pkl"  # controller/: the pickled CMA-ES (read only from the run itself)
+HISTORY_FILE = "history.csv"  # controller/: one row per generation
+SELECTION_FILE = "selection.json"  # controller/: the final selection among the best generations
+DREAM_SUMMARY = "dream.json"  # controller/: the dream-trained controllers' record
+RESULTS_FILE = "results.json"  # eval/: the evaluation on the unseen tracks
+
 
 class RunDirError(RuntimeError):
     """A run directory that cannot be used as asked (for example, made with another config)."""
@@ -103,7 +117,7 @@ class RunDir:
 
     @property
     def config_path(self) -> Path:
-        return self.path / "config.json"
+        return self.path / CONFIG_FILE
 
     def stage(self, name: str) -> Path:
         if name not in STAGES:
@@ -161,10 +175,10 @@ def _recorded_config(run: RunDir) -> Config:
     return cfg
 
 
-def _load_model(run: str | Path | RunDir, stage: str, best_file: str, which: str, device: Any, build: Any) -> Any:
+def _load_model(run: str | Path | RunDir, stage: str, which: str, device: Any, build: Any) -> Any:
     run = as_run_dir(run)
     cfg, device = _recorded_config(run), resolve_device(device)
-    path = run.path / stage / {"best": best_file, "last": "last.safetensors"}[which]
+    path = run.path / stage / {"best": BEST_WEIGHTS[stage], "last": LAST_WEIGHTS}[which]
     if not path.exists():
         command = {"vae": "train-vae", "mdrnn": "train-mdrnn"}[stage]
         raise FileNotFoundError(
@@ -181,7 +195,7 @@ def load_vae(run: str | Path | RunDir, device: Any = "cpu", *, which: str = "bes
     Reads safetensors only (no pickle); the architecture comes from the run's config.json.
     A missing file raises FileNotFoundError naming it.
     """
-    return _load_model(run, "vae", "vae.safetensors", which, device, VAE.from_config)
+    return _load_model(run, "vae", which, device, VAE.from_config)
 
 
 def load_mdrnn(run: str | Path | RunDir, device: Any = "cpu", *, which: str = "best") -> MDRNN:
@@ -190,4 +204,4 @@ def load_mdrnn(run: str | Path | RunDir, device: Any = "cpu", *, which: str = "b
     Reads safetensors only (no pickle); the architecture comes from the run's config.json.
     A missing file raises FileNotFoundError naming it.
     """
-    return _load_model(run, "mdrnn", "mdrnn.safetensors", which, device, MDRNN.from_config)
+    return _load_model(run, "mdrnn", which, device, MDRNN.from_config)
