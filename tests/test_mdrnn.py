@@ -147,6 +147,62 @@ def test_mdrnn_loss_terms():
     assert mdrnn_loss(out, z_next).loss.item() == pytest.approx(terms.gmm.item())  # heads but no targets
 
 
+def masked_reference(out, z_next, reward, done, mask):
+    """M's masked loss terms written out step by step in float64: the mean over the valid steps."""
+    steps = [(b, t) for b in range(mask.shape[0]) for t in range(mask.shape[1]) if mask[b, t]]
+    gmm = reward_loss = done_loss = 0.0
+    for b, t in steps:
+        for d in range(z_next.shape[-1]):
+            mixture = MixtureSameFamily(
+                Categorical(logits=out.logpi[b, t, d].double()),
+                Normal(out.mu[b, t, d].double(), out.logsigma[b, t, d].double().exp()),
+            )
+            gmm -= mixture.log_prob(z_next[b, t, d].double()).item() / z_next.shape[-1]
+        reward_loss += (out.reward[b, t].item() - reward[b, t].item()) ** 2
+        p = 1 / (1 + math.exp(-out.done_logit[b, t].item()))
+        done_loss -= math.log(p) if done[b, t] else math.log(1 - p)
+    n = len(steps)
+    return gmm / n, reward_loss / n, done_loss / n
+
+
+def masked_example():
+    """An output of M with heads on a batch of 2 x 5 steps whose second sequence is padded after 2 steps."""
+    out = random_output((2, 5, 3), k=4, seed=1)
+    g = torch.Generator().manual_seed(2)
+    out = out._replace(reward=torch.randn(2, 5, generator=g), done_logit=torch.randn(2, 5, generator=g))
+    z_next, reward = torch.randn(2, 5, 3, generator=g), torch.randn(2, 5, generator=g)
+    done = torch.tensor([[0.0, 0.0, 0.0, 0.0, 1.0], [0.0, 1.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[True] * 5, [True, True, False, False, False]])
+    return out, z_next, reward, done, mask
+
+
+def test_masked_mdrnn_loss_is_the_mean_over_valid_steps():
+    out, z_next, reward, done, mask = masked_example()
+    terms = mdrnn_loss(out, z_next, reward, done, reward_weight=2.0, done_weight=3.0, mask=mask)
+    gmm, reward_loss, done_loss = masked_reference(out, z_next, reward, done, mask)
+    assert terms.gmm.item() == pytest.approx(gmm, rel=1e-5)
+    assert terms.reward.item() == pytest.approx(reward_loss, rel=1e-5)
+    assert terms.done.item() == pytest.approx(done_loss, rel=1e-5)
+    assert terms.loss.item() == pytest.approx(gmm + 2.0 * reward_loss + 3.0 * done_loss, rel=1e-5)
+    # every step counting: the same as an all-True mask, and as the reference over all steps
+    every = mdrnn_loss(out, z_next, reward, done)
+    all_true = mdrnn_loss(out, z_next, reward, done, mask=torch.ones(2, 5, dtype=torch.bool))
+    assert torch.stack(every).tolist() == pytest.approx(torch.stack(all_true).tolist(), rel=1e-6)
+    full = masked_reference(out, z_next, reward, done, torch.ones(2, 5, dtype=torch.bool))
+    assert [every.gmm.item(), every.reward.item(), every.done.item()] == pytest.approx(full, rel=1e-5)
+    assert every.gmm.item() != pytest.approx(gmm, rel=1e-3)  # the padding would have counted
+
+
+def test_masked_mdrnn_loss_ignores_padded_steps():
+    out, z_next, reward, done, mask = masked_example()
+    base = mdrnn_loss(out, z_next, reward, done, mask=mask)
+    padded_z, padded_reward, padded_done = z_next.clone(), reward.clone(), done.clone()
+    padded_z[1, 2:], padded_reward[1, 2:], padded_done[1, 2:] = float("nan"), 1e6, 1.0
+    padded = mdrnn_loss(out, padded_z, padded_reward, padded_done, mask=mask)
+    assert all(torch.equal(a, b) for a, b in zip(base, padded))
+    assert base.loss.shape == ()
+
+
 def test_heads_train_end_to_end():
     torch.manual_seed(0)
     model = MDRNN(reward_head=True, done_head=True)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from worldmodels import cli, train
+from worldmodels import cli, fit, train
 from worldmodels.config import ConfigError, preset, resolve_device
 from worldmodels.data import collect, episode_files, load_episode, load_latents
 from worldmodels.data import EpisodeError
@@ -72,7 +72,7 @@ def test_resolve_device():
 
 def test_v_and_m_losses_go_down_when_overfitting_a_fixed_batch(trained_run):
     torch.manual_seed(0)
-    precision = train._Precision(torch.device("cpu"), enabled=False)
+    precision = fit.Precision(torch.device("cpu"), enabled=False)
     ep = load_episode(episode_files(trained_run / "data")[0])
     x = frames_to_tensor(ep.obs[::12][:4])
     vae = VAE(32)
@@ -106,22 +106,6 @@ def test_v_and_m_losses_go_down_when_overfitting_a_fixed_batch(trained_run):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.5, losses
-
-
-def test_masked_mdrnn_loss_ignores_padding():
-    torch.manual_seed(0)
-    m = MDRNN(4, 3, 8, 2, reward_head=True, done_head=True)
-    z, a = torch.randn(2, 5, 4), torch.randn(2, 5, 3)
-    out, _ = m(z, a)
-    mask = torch.tensor([[True] * 5, [True, True, False, False, False]])
-    target, reward, done = torch.randn(2, 5, 4), torch.randn(2, 5), torch.zeros(2, 5)
-    base = train.masked_mdrnn_loss(out, target, reward, done, mask)
-    target2, reward2 = target.clone(), reward.clone()
-    target2[1, 2:], reward2[1, 2:] = float("nan"), 1e6  # padding: must not matter
-    padded = train.masked_mdrnn_loss(out, target2, reward2, done, mask)
-    for a_, b_ in zip(base, padded):
-        assert torch.allclose(a_, b_)
-    assert base.loss.shape == ()
 
 
 def test_train_vae_writes_checkpoints_metrics_and_done(trained_run):
@@ -261,7 +245,7 @@ def test_finished_stages_load_without_training(trained_run, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("trained again")
 
-    monkeypatch.setattr(train, "_backward_step", fail)
+    monkeypatch.setattr(fit, "_backward_step", fail)
     vae = train.train_vae(tiny(), trained_run, quiet=True)
     best = load_tensors(trained_run / "vae" / "vae.safetensors")
     assert all(torch.equal(vae.state_dict()[k], best[k]) for k in best)

@@ -179,24 +179,37 @@ def mdrnn_loss(
     done: Tensor | None = None,
     reward_weight: float = 1.0,
     done_weight: float = 1.0,
+    mask: Tensor | None = None,
 ) -> MDRNNLoss:
     """M's training loss: mixture NLL of ``z_next`` plus the optional reward and done terms.
 
-    The reward term (MSE) is used only when the model has a reward head *and* a
-    ``reward`` target is given; likewise the done term (binary cross-entropy on the
-    logit, ``done`` being 0/1 or bool). A missing term is reported as 0. Targets have
-    the shape of ``out.reward`` / ``out.done_logit``: (B, T) or (B,).
+    The mixture NLL is averaged over the latent dimensions, then over the steps. The
+    reward term (MSE) is used only when the model has a reward head *and* a ``reward``
+    target is given; likewise the done term (binary cross-entropy on the logit, ``done``
+    being 0/1 or bool). A missing term is reported as 0. Targets have the shape of
+    ``out.reward`` / ``out.done_logit``: (B, T) or (B,).
+
+    ``mask`` (that shape, bool) marks the steps that count: every term is averaged over
+    those only, so the padding of short episodes changes nothing. ``None``: every step counts.
     """
-    gmm = mdn_loss(out, z_next)
+    gmm = _mean(mdn_loss(out, z_next, reduction="none").mean(-1), mask)
     zero = gmm.new_zeros(())
     reward_loss = zero
     if out.reward is not None and reward is not None:
-        reward_loss = F.mse_loss(out.reward, reward.to(out.reward.dtype))
+        reward_loss = _mean((out.reward - reward.to(out.reward.dtype)).pow(2), mask)
     done_loss = zero
     if out.done_logit is not None and done is not None:
-        done_loss = F.binary_cross_entropy_with_logits(out.done_logit, done.to(out.done_logit.dtype))
+        bce = F.binary_cross_entropy_with_logits(out.done_logit, done.to(out.done_logit.dtype), reduction="none")
+        done_loss = _mean(bce, mask)
     loss = gmm + reward_weight * reward_loss + done_weight * done_loss
     return MDRNNLoss(loss=loss, gmm=gmm, reward=reward_loss, done=done_loss)
+
+
+def _mean(x: Tensor, mask: Tensor | None) -> Tensor:
+    """The mean of `x` over every position, or over those where `mask` is True."""
+    if mask is None:
+        return x.mean()
+    return torch.where(mask, x, torch.zeros_like(x)).sum() / mask.sum().clamp_min(1)
 
 
 def sample_next_z(out: MDNOutput, tau: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
