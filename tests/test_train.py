@@ -1,3 +1,4 @@
+import re
 import shutil
 import signal
 import subprocess
@@ -14,7 +15,7 @@ from worldmodels.config import ConfigError, preset, resolve_device
 from worldmodels.data import collect, episode_files, load_episode, load_latents
 from worldmodels.data import EpisodeError
 from worldmodels.mdrnn import MDRNN
-from worldmodels.runs import RunDir, load_mdrnn, load_tensors, load_vae, read_json
+from worldmodels.runs import RunDir, RunDirError, load_mdrnn, load_tensors, load_vae, read_json
 from worldmodels.vae import VAE, frames_to_tensor
 
 
@@ -24,6 +25,7 @@ def tiny(**overrides):
 
 # A V of 3 steps per epoch on 4-frame batches, and M with 3 steps per epoch: seconds on a CPU.
 SMALL_V = {"vae.batch_size": 4, "vae.frames_per_episode": 4}
+SMALL_V_ARGS = ["--vae.batch-size", "4", "--vae.frames-per-episode", "4"]
 
 
 @pytest.fixture(scope="module")
@@ -192,6 +194,21 @@ def test_nan_loss_stops_v_and_keeps_the_last_good_checkpoint(tmp_path, data_run,
     monkeypatch.undo()
     train.train_vae(cfg, run, quiet=True, max_steps=2)  # and training goes on from there
     assert saved_step(run / "vae" / "last.safetensors") == 2
+
+
+@pytest.mark.parametrize("damaged", ["state.pt", "last.safetensors"])
+def test_a_damaged_checkpoint_is_one_line_naming_the_file(tmp_path, data_run, capsys, damaged):
+    cfg = tiny(**SMALL_V)
+    run = fresh(tmp_path, data_run)
+    train.train_vae(cfg, run, quiet=True, max_steps=1)
+    path = run / "vae" / damaged
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # truncated
+    with pytest.raises(RunDirError, match=rf"^{re.escape(str(path))}: damaged checkpoint file .*delete "):
+        train.train_vae(cfg, run, quiet=True)
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["train-vae", "--scale", "tiny", "--run-dir", str(run), "--quiet", *SMALL_V_ARGS])
+    message = str(exit.value.code)
+    assert message.startswith(f"error: {path}: damaged checkpoint file") and "\n" not in message
 
 
 def test_nan_in_data_stops_m_with_a_clear_error(tmp_path, trained_run):

@@ -14,7 +14,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -77,20 +77,24 @@ class Checkpoint:
         for path in (self.state_path, self.folder / PREVIOUS_STATE):
             if path.exists():
                 state = _read(path, lambda p: torch.load(p, map_location="cpu", weights_only=True))
-                if state["progress"]["step"] == step:
+                progress = _read(path, lambda p: Progress(**state["progress"]))
+                if progress.step == step:
                     break
         else:
             raise RunDirError(
                 f"{self.weights_path} (step {step}) has no matching training state ({self.state_path.name}); "
                 f"delete {self.folder} to train from scratch"
             )
-        self.model.load_state_dict(_read(self.weights_path, lambda p: load_tensors(p, device=str(device))))
+        _read(self.weights_path, lambda p: self.model.load_state_dict(load_tensors(p, device=str(device))))
+        _read(path, lambda p: self._restore(state))
+        self.saved_step = step
+        return progress
+
+    def _restore(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         if state["scaler"] and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"])
-        self.saved_step = step
-        return Progress(**state["progress"])
 
     def save(self, progress: Progress, best_path: Path | None, stage: str) -> None:
         """Checkpoint now, and write the weights to `best_path` too when given."""
@@ -132,12 +136,13 @@ def saved_step(weights: Path) -> int:
     return _read(weights, step)
 
 
-def _read(path: Path, read: Any) -> Any:
+def _read(path: Path, read: Callable[[Path], Any]) -> Any:
     """`read(path)`, with a damaged file reported in one line that names it."""
     try:
         return read(path)
     except Exception as e:  # noqa: BLE001 - torch, pickle and safetensors raise many kinds
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        reason = f"no {e}" if isinstance(e, KeyError) else (str(e).strip().splitlines() or [type(e).__name__])[0]
+        reason = reason.split(". ")[0]  # torch's messages run on
         raise RunDirError(
             f"{path}: damaged checkpoint file ({reason}); delete {path.parent} to train from scratch"
         ) from e

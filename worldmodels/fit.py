@@ -111,8 +111,6 @@ def fit(stage: Stage, *, quiet: bool = False, max_steps: int | None = None,
                 best = progress.improved(test)
                 progress.epoch, progress.batch = progress.epoch + 1, 0
                 _save(stage, progress, checkpoint, best)
-                continue
-            break
         if checkpoint.saved_step != progress.step:
             _save(stage, progress, checkpoint)
     finally:

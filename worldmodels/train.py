@@ -134,13 +134,6 @@ def _test_losses(model: nn.Module, batches: Iterable[Any], loss: Callable[[Any, 
     return {k: v / n for k, v in sums.items()} if n else None  # None: every test episode was skipped
 
 
-def _fit_or_load(stage: Stage, run: RunDir, load: Callable[..., nn.Module], **fit_args: Any) -> Any:
-    """Run the fit loop; the best model once the stage has finished, else the model of the last step."""
-    if fit(stage, **fit_args):
-        return load(run, stage.device)
-    return stage.model.eval()
-
-
 # --- V ---------------------------------------------------------------------------------------
 
 
@@ -207,14 +200,22 @@ def train_vae(
     """
     run = as_run_dir(run)
     cfg = run.bind(cfg)
-    device, v = resolve_device(cfg.device), cfg.vae
+    device = resolve_device(cfg.device)
     if (run.vae / DONE_FILE).exists():
         return load_vae(run, device)
+    stage = _vae_stage(cfg, run, device)
+    if fit(stage, quiet=quiet, max_steps=max_steps, checkpoint_seconds=checkpoint_seconds, log_every=log_every):
+        return load_vae(run, device)
+    return stage.model.eval()
+
+
+def _vae_stage(cfg: Config, run: RunDir, device: torch.device) -> Stage:
+    """What V brings to the fit loop: frames, a fresh V with Adam, its loss and test losses."""
+    v = cfg.vae
     train_ds, test_ds = _frame_datasets(cfg, run)
     steps_per_epoch = train_ds.num_frames() // v.batch_size
     if steps_per_epoch == 0:
         raise TrainingError(f"V: {train_ds.num_frames()} training frames are fewer than one batch of {v.batch_size}")
-
     _seed_everything(cfg.train_seed)
     model = VAE.from_config(cfg).to(device)
     precision = Precision(device, enabled=True)
@@ -230,14 +231,12 @@ def train_vae(
     def test() -> dict[str, float] | None:
         return _test_losses(model, _on(device, test_ds), lambda x, i: losses(x, _V_TEST, i), len) if test_ds else None
 
-    stage = Stage(
+    return Stage(
         name="vae", label="V", folder=run.vae, best_weights=BEST_WEIGHTS["vae"], parts=VAE_PARTS,
         model=model, optimizer=torch.optim.Adam(model.parameters(), lr=v.learning_rate), precision=precision,
         device=device, epochs=v.epochs, steps_per_epoch=steps_per_epoch,
         batches=batches, loss=lambda x, step: losses(x, _V_TRAIN, step), test=test,
     )
-    return _fit_or_load(stage, run, load_vae, quiet=quiet, max_steps=max_steps,
-                        checkpoint_seconds=checkpoint_seconds, log_every=log_every)
 
 
 # --- encoding --------------------------------------------------------------------------------
@@ -269,18 +268,22 @@ def encode(cfg: Config, run: str | Path | RunDir, *, quiet: bool = False, batch_
     todo = [(f, o) for f, o in zip(files, out) if not o.exists()]
     with torch.no_grad(), tqdm(total=len(out), initial=len(out) - len(todo), desc="encode", unit="ep", disable=quiet or None) as bar:
         for (_, path), ep in zip(todo, prefetch(load_or_skip(f, cfg.data.skip_corrupt) for f, _ in todo)):
-            if ep is not None:
-                frames = torch.from_numpy(ep.frames)
-                mus, logvars = [], []
-                for k in range(0, len(frames), batch_size):
-                    mu, logvar = model.encode(frames_to_tensor(frames[k : k + batch_size].to(device)))
-                    mus.append(mu.float().cpu())
-                    logvars.append(logvar.float().cpu())
-                save_latents(path, torch.cat(mus).numpy(), torch.cat(logvars).numpy(), ep)
+            if ep is not None:  # None: skipped as corrupt
+                save_latents(path, *_posterior(model, torch.from_numpy(ep.frames), batch_size, device), ep)
             bar.update(1)
     out = [o for o in out if o.exists()]  # episodes skipped as corrupt have no latents
     write_json(marker, {"episodes": len(out), "z_size": cfg.vae.z_size, "vae_step": read_json(vae_done).get("best_step")})
     return out
+
+
+def _posterior(model: VAE, frames: Tensor, batch_size: int, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """V's posterior ``mu`` and ``logvar`` (N, z_size) of uint8 `frames` (N, 64, 64, 3), `batch_size` at a time."""
+    mus, logvars = [], []
+    for k in range(0, len(frames), batch_size):
+        mu, logvar = model.encode(frames_to_tensor(frames[k : k + batch_size].to(device)))
+        mus.append(mu.float().cpu())
+        logvars.append(logvar.float().cpu())
+    return torch.cat(mus).numpy(), torch.cat(logvars).numpy()
 
 
 # --- M ---------------------------------------------------------------------------------------
@@ -336,13 +339,21 @@ def train_mdrnn(
     """
     run = as_run_dir(run)
     cfg = run.bind(cfg)
-    device, m = resolve_device(cfg.device), cfg.mdrnn
+    device = resolve_device(cfg.device)
     if (run.mdrnn / DONE_FILE).exists():
         return load_mdrnn(run, device)
-    if m.untrained:
+    if cfg.mdrnn.untrained:
         return _untrained_mdrnn(cfg, run, device)
-    train_ds, test_ds = _sequence_datasets(cfg, run, quiet)
+    stage = _mdrnn_stage(cfg, run, device, quiet)
+    if fit(stage, quiet=quiet, max_steps=max_steps, checkpoint_seconds=checkpoint_seconds, log_every=log_every):
+        return load_mdrnn(run, device)
+    return stage.model.eval()
 
+
+def _mdrnn_stage(cfg: Config, run: RunDir, device: torch.device, quiet: bool) -> Stage:
+    """What M brings to the fit loop: latent sequences, a fresh M with Adam, its masked loss and test losses."""
+    m = cfg.mdrnn
+    train_ds, test_ds = _sequence_datasets(cfg, run, quiet)
     _seed_everything(cfg.train_seed)
     model = MDRNN.from_config(cfg).to(device)
 
@@ -359,15 +370,13 @@ def train_mdrnn(
         test_batches = _on(device, _sequence_batches(test_ds, range(len(test_ds)), m.batch_size))
         return _test_losses(model, test_batches, lambda b, i: losses(b, _M_TEST, i), lambda b: int(b["mask"].sum()))
 
-    stage = Stage(
+    return Stage(
         name="mdrnn", label="M", folder=run.mdrnn, best_weights=BEST_WEIGHTS["mdrnn"], parts=MDRNN_PARTS,
         model=model, optimizer=torch.optim.Adam(model.parameters(), lr=m.learning_rate),
         precision=Precision(device, enabled=False),  # the mixture densities stay in float32
         device=device, epochs=m.epochs, steps_per_epoch=math.ceil(len(train_ds) / m.batch_size),
         batches=batches, loss=lambda b, step: losses(b, _M_TRAIN, step), test=test, grad_clip=m.grad_clip,
     )
-    return _fit_or_load(stage, run, load_mdrnn, quiet=quiet, max_steps=max_steps,
-                        checkpoint_seconds=checkpoint_seconds, log_every=log_every)
 
 
 def _untrained_mdrnn(cfg: Config, run: RunDir, device: torch.device) -> MDRNN:
