@@ -20,9 +20,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from worldmodels.runs import LAST_WEIGHTS, TRAIN_STATE, RunDirError, atomic_path, load_tensors, save_tensors
-
-PREVIOUS_STATE = "state.prev.pt"
+from worldmodels.runs import (
+    LAST_WEIGHTS,
+    PREVIOUS_TRAIN_STATE,
+    TRAIN_STATE,
+    RunDirError,
+    atomic_path,
+    load_tensors,
+    save_tensors,
+)
 
 
 @dataclass
@@ -74,7 +80,7 @@ class Checkpoint:
         if not self.weights_path.exists():
             return Progress()
         step = saved_step(self.weights_path)
-        for path in (self.state_path, self.folder / PREVIOUS_STATE):
+        for path in (self.state_path, self.folder / PREVIOUS_TRAIN_STATE):
             if path.exists():
                 state = _read(path, lambda p: torch.load(p, map_location="cpu", weights_only=True))
                 progress = _read(path, lambda p: Progress(**state["progress"]))
@@ -111,7 +117,7 @@ class Checkpoint:
         if best_path is not None:
             save_tensors(best_path, weights, metadata=meta)
         if self.state_path.exists():
-            os.replace(self.state_path, self.folder / PREVIOUS_STATE)
+            os.replace(self.state_path, self.folder / PREVIOUS_TRAIN_STATE)
         with atomic_path(self.state_path) as tmp:
             torch.save(state, tmp)
         save_tensors(self.weights_path, weights, metadata=meta)

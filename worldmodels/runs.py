@@ -30,6 +30,7 @@ METRICS_FILE = "metrics.csv"  # V's and M's training rows
 LAST_WEIGHTS = "last.safetensors"  # the weights at the last checkpoint (V, M, C)
 BEST_WEIGHTS = {"vae": "vae.safetensors", "mdrnn": "mdrnn.safetensors", "controller": "best.safetensors"}
 TRAIN_STATE = "state.pt"  # V's and M's optimiser and RNG states (pickled, read only from the run itself)
+PREVIOUS_TRAIN_STATE = "state.prev.pt"  # the TRAIN_STATE before the last checkpoint
 MANIFEST_FILE = "manifest.json"  # data/: the episodes and their checksums
 ES_CHECKPOINT = "es.pkl"  # controller/: the pickled CMA-ES (read only from the run itself)
 HISTORY_FILE = "history.csv"  # controller/: one row per generation
