@@ -37,6 +37,12 @@ from worldmodels.checkpoint import Checkpoint, Progress
 from worldmodels.runs import DONE_FILE, METRICS_FILE, atomic_path, write_json
 
 
+CHECKPOINT_SECONDS = 600.0
+"""Default time between checkpoints within an epoch (one is also taken at every epoch's end)."""
+LOG_EVERY = 10
+"""Default number of steps averaged into each training row of metrics.csv."""
+
+
 class TrainingError(RuntimeError):
     """Training cannot go on (for example a loss became NaN); the message says where and why."""
 
@@ -83,7 +89,7 @@ class Stage:
 
 
 def fit(stage: Stage, *, quiet: bool = False, max_steps: int | None = None,
-        checkpoint_seconds: float = 600.0, log_every: int = 10) -> bool:
+        checkpoint_seconds: float = CHECKPOINT_SECONDS, log_every: int = LOG_EVERY) -> bool:
     """Train `stage` from its last checkpoint until its epochs are done or `max_steps` steps.
 
     Returns True when the stage has finished (``done.json`` written). Raises
@@ -92,7 +98,7 @@ def fit(stage: Stage, *, quiet: bool = False, max_steps: int | None = None,
     """
     checkpoint = Checkpoint(stage.folder, stage.model, stage.optimizer, stage.precision.scaler)
     progress = checkpoint.resume(stage.device)
-    log = Metrics(stage, progress, quiet)
+    log = _Metrics(stage, progress, quiet)
     try:
         while progress.epoch < stage.epochs and not _reached(progress, max_steps):
             for batch in stage.batches(progress.epoch, progress.batch):
@@ -163,7 +169,7 @@ def _stopped(stage: Stage, checkpoint: Checkpoint, what: str, step: int, epoch: 
     return TrainingError(f"{stage.label}: {what} at step {step} (epoch {epoch}); training stopped. {checkpoint.kept()}")
 
 
-class Metrics:
+class _Metrics:
     """The training record a person reads: metrics.csv, TensorBoard and the progress bar.
 
     A training row averages the loss parts over the steps since the previous row; the

@@ -44,7 +44,7 @@ from worldmodels.data import (
     save_latents,
     split_episodes,
 )
-from worldmodels.fit import Precision, Stage, TrainingError, fit
+from worldmodels.fit import CHECKPOINT_SECONDS, LOG_EVERY, Precision, Stage, TrainingError, fit
 from worldmodels.mdrnn import MDRNN, MDRNNLoss, mdrnn_loss
 from worldmodels.prefetch import prefetch
 from worldmodels.runs import (
@@ -62,11 +62,6 @@ from worldmodels.runs import (
 from worldmodels.vae import VAE, VAELoss, frames_to_tensor, vae_loss
 
 __all__ = ["TrainingError", "encode", "stage_summary", "train_mdrnn", "train_vae"]
-
-CHECKPOINT_SECONDS = 600.0
-"""Default time between checkpoints within an epoch (one is also taken at every epoch's end)."""
-LOG_EVERY = 10
-"""Default number of steps averaged into each training row of metrics.csv."""
 
 LATENT_CACHE_BYTES = 512 * 2**20
 """Memory for decoded latent episodes kept by M's loader (per split)."""
