@@ -207,5 +207,15 @@ def test_each_chapter_installs_the_package_from_the_books_repository():
     url = re.search(r"^repository:\n\s+url:\s*(\S+)", (ROOT / "_config.yml").read_text(), re.MULTILINE)
     assert url, "_config.yml: no repository url"
     for path in CHAPTERS:
-        first = "".join(read_notebook(path)["cells"][1]["source"])
-        assert "except ImportError:" in first and f"git+{url.group(1)}" in first, path.name
+        first = next(c for c in read_notebook(path)["cells"] if c["cell_type"] == "code")
+        source = "".join(first["source"])
+        assert "except ImportError:" in source and f"git+{url.group(1)}" in source, path.name
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
+def test_each_chapter_states_objectives_prerequisites_and_run_times(path):
+    second = read_notebook(path)["cells"][1]
+    text = "".join(second["source"])
+    assert "objectives" in second["metadata"].get("tags", []), path.name
+    for part in ("**You will learn to**", "**Prerequisites**", "**Time**", "`tiny`", "`book`"):
+        assert part in text, f"{path.name}: the chapter's second cell lacks {part}"
