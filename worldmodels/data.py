@@ -2,18 +2,18 @@
 
 Episode format (one compressed ``.npz`` per episode, ``data/episode_000123.npz``):
 
-=============  ===================  ======================================================
-key            dtype, shape         meaning
-=============  ===================  ======================================================
-``obs``        uint8 (T, 64, 64, 3) the frame the policy saw before action t
-``action``     float32 (T, 3)       action t (steer, gas, brake)
-``reward``     float32 (T,)         reward received for action t
-``terminated`` bool (T,)            the episode ended after action t (left the field, lap done)
-``truncated``  bool (T,)            the time limit cut the episode after action t
-``final_obs``  uint8 (64, 64, 3)    the frame after the last action, so that every action
-                                    has the frame that follows it
-``seed``       int64 ()             the track's seed
-=============  ===================  ======================================================
+==============  ====================  =================================================================
+key             dtype, shape          meaning
+==============  ====================  =================================================================
+``obs``         uint8 (T, 64, 64, 3)  the frame the policy saw before action t
+``action``      float32 (T, 3)        action t (steer, gas, brake)
+``reward``      float32 (T,)          reward received for action t
+``terminated``  bool (T,)             the episode ended after action t (left the field, lap done)
+``truncated``   bool (T,)             the time limit cut the episode after action t
+``final_obs``   uint8 (64, 64, 3)     the frame after the last action, so that every action
+                                      has the frame that follows it
+``seed``        int64 ()              the track's seed
+==============  ====================  =================================================================
 
 So the frame that follows action t is ``obs[t + 1]`` (``final_obs`` for the last one).
 ``manifest.json`` beside the episodes records the config, the seeds, the package

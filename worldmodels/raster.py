@@ -35,6 +35,7 @@ except ImportError:  # the renderer falls back to pygame's own primitives
     numba = None
 
 XRGB_MASKS = (0xFF0000, 0xFF00, 0xFF, 0)
+"""The red, green, blue and alpha masks of an ``XRGB8888`` surface."""
 _U32 = 0xFFFFFFFF
 _ONE = 0x4000  # smoothscale's fixed-point unit: one source pixel
 

@@ -179,11 +179,16 @@ def train_vae(
 
     Args:
         cfg: the run's config (checked against ``run/config.json``).
+
         run: the run directory.
+
         quiet: no progress bar.
+
         max_steps: stop (with a checkpoint) after this many steps in total; calling again
-            resumes. Training is finished only once all epochs are done.
+        resumes. Training is finished only once all epochs are done.
+
         checkpoint_seconds: time between checkpoints within an epoch.
+
         log_every: steps averaged into each training row of ``run/vae/metrics.csv``.
 
     Returns:
@@ -191,6 +196,7 @@ def train_vae(
 
     Raises:
         TrainingError: a loss part became NaN or infinite (the last good checkpoint is kept).
+
         FileNotFoundError: the dataset is incomplete.
     """
     run = as_run_dir(run)
