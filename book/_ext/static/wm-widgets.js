@@ -1,16 +1,20 @@
 // Loaded before the theme's scripts (see book/_ext/wm_widgets.py).
 
-// The theme's Font Awesome replaces every <i class="fa ..."> by an <svg>, also the icons of
-// the widgets' buttons, which ipywidgets' views look up as <i> to update them (the Play
-// view throws on each change without it). Nested, the <svg> goes inside the <i>.
-window.FontAwesomeConfig = Object.assign({}, window.FontAwesomeConfig, { autoReplaceSvg: "nest" });
+// The theme's Font Awesome replaces each <i class="fa ..."> by an <svg>, and by default also
+// those added later, such as the icons of the widgets' buttons, which ipywidgets' views look
+// up as <i> to update them (the Play view throws on every change without it). Converting the
+// theme's icons once, when the page is ready, leaves the widgets' <i>s to the widget manager's
+// own Font Awesome font.
+window.FontAwesomeConfig = Object.assign({}, window.FontAwesomeConfig, { observeMutations: false });
 
 // The widget manager's AMD modules find their fonts next to the module's URL, which RequireJS
 // takes from the module's name (relative to the page) unless a path maps it.
-const vendor = new URL("vendor/html-manager/", document.currentScript.src).href;
-window.require = { paths: { "@jupyter-widgets/html-manager/dist": vendor.slice(0, -1) } };
-for (const name of ["base", "base7", "controls", "controls7", "html-manager"]) {
-  window.require.paths[`@jupyter-widgets/${name}`] = vendor + name;
+{
+  const vendor = new URL("vendor/html-manager/", document.currentScript.src).href;
+  window.require = { paths: { "@jupyter-widgets/html-manager/dist": vendor.slice(0, -1) } };
+  for (const name of ["base", "base7", "controls", "controls7", "html-manager"]) {
+    window.require.paths[`@jupyter-widgets/${name}`] = vendor + name;
+  }
 }
 
 // The widget manager typesets its labels with MathJax 2's MathJax.Hub.Queue; the book loads
