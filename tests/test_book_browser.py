@@ -1,6 +1,7 @@
 """The built book (`_build/html`) in a real browser: headless Chromium, driven by Playwright.
 
-Every page is served from a local HTTP server with the network blocked: the pages must
+Every page is opened twice, from a local HTTP server (as a published book) and as a file
+(as a student opens ``_build/html``), with the network blocked: the pages must
 carry their own JavaScript (the widget manager, RequireJS, MathJax). A request to a CDN is
 answered from ``node_modules`` when the same package is installed there, so that a page
 which still loads a CDN shows its other faults too, and is reported as a failure.
@@ -147,7 +148,7 @@ def browser_context(playwright, tmp_path):
                 response = r.fetch()
                 body = re.sub(r'\sintegrity="[^"]*"', "", response.text())
                 return r.fulfill(response=response, body=body)
-            if host == "127.0.0.1" or url.startswith(("data:", "blob:")):
+            if host == "127.0.0.1" or url.startswith(("file:", "data:", "blob:")):
                 return r.continue_()
             local = cdn_file(url)
             if local is not None and local.is_file():
@@ -253,10 +254,12 @@ def exercise(place) -> list[str]:
 # --- the tests ----------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("scheme", ["http", "file"])
 @pytest.mark.parametrize("page", toc_files())
-def test_page_in_browser(page, server, browser_context):
+def test_page_in_browser(page, scheme, server, browser_context):
     context, log = browser_context()
-    p = open_page(context, log, f"{server}/{page}.html")
+    root = server if scheme == "http" else HTML.resolve().as_uri()
+    p = open_page(context, log, f"{root}/{page}.html")
     views = widget_views(page)
     faults: list[str] = []
     kernel_free = [m for m, live in views if not live]
