@@ -30,6 +30,7 @@ import re
 import shutil
 import sys
 import threading
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -180,10 +181,12 @@ def open_page(context, log: list[str], url: str):
 
 # --- in the page --------------------------------------------------------------------------------
 
-_SHOWN = """root => {
+_SHOWN = """async root => {
   const shown = [...root.querySelectorAll('img')].filter(i => i.checkVisibility() && i.naturalWidth > 0);
-  return shown.map(i => i.src).join(' ');
+  const bytes = await Promise.all(shown.map(async i => new Uint8Array(await (await fetch(i.src)).arrayBuffer())));
+  return bytes.map(b => b.length + ':' + b.reduce((h, x) => (h * 31 + x) >>> 0, 7).toString(16)).join(' ');
 }"""
+"""The length and a hash of the bytes of each image a widget shows ('' for none)."""
 
 _MATH = """() => {
   const math = [...document.querySelectorAll('main .math')];
@@ -201,13 +204,12 @@ _MATH = """() => {
 
 def wait_for_change(place, before: str) -> str:
     """The image the widget shows once it differs from `before` (or `before` after the timeout)."""
-    try:
-        place.page.wait_for_function(
-            f"([el, before]) => ({_SHOWN})(el) !== before", arg=[place.element_handle(), before], timeout=CHANGE_TIMEOUT_S * 1000
-        )
-    except Exception:
-        pass
-    return place.evaluate(_SHOWN)
+    deadline = time.monotonic() + CHANGE_TIMEOUT_S
+    while True:
+        now = place.evaluate(_SHOWN)
+        if now != before or time.monotonic() > deadline:
+            return now
+        place.page.wait_for_timeout(100)
 
 
 def exercise(place) -> list[str]:
@@ -226,12 +228,11 @@ def exercise(place) -> list[str]:
 
     handles = place.locator(".noUi-handle")
     for k in range(handles.count()):
-        handle = handles.nth(k)
-        handle.focus()
-        handle.press("End")
+        handles.nth(k).focus()
+        handles.nth(k).press("End")
         check(f"slider {k} to its end")
-        handle.press("Home")
-        check(f"slider {k} to its start")
+    # the toggles at the sliders' ends, where the frames differ (a dream's first frame is the
+    # same at every temperature)
     groups = place.locator(".widget-toggle-buttons")
     for g in range(groups.count()):
         buttons = groups.nth(g).locator("button")
@@ -240,6 +241,10 @@ def exercise(place) -> list[str]:
                 continue
             buttons.nth(b).click()
             check(f"toggle {g}, button {buttons.nth(b).inner_text()!r}")
+    for k in range(handles.count()):
+        handles.nth(k).focus()
+        handles.nth(k).press("Home")
+        check(f"slider {k} to its start")
     plays = place.locator(".widget-play")
     for p in range(plays.count()):
         play = plays.nth(p).locator("button").first
