@@ -3,13 +3,15 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# the JavaScript the book's pages load (package-lock.json); npm ci writes this file last
+NPM_STAMP := node_modules/.package-lock.json
 export PYTHONDONTWRITEBYTECODE := 1
 export SDL_VIDEODRIVER ?= dummy
 export MPLBACKEND ?= Agg
 
 .PHONY: install test test-package test-book book benchmarks clean
 
-install: $(STAMP)
+install: $(STAMP) $(NPM_STAMP)
 
 # torch first, pinned to the CPU wheel, so that no multi-GB CUDA build is pulled on a CPU
 # machine; a torch already in .venv (for example a CUDA build installed by hand) is kept.
@@ -20,17 +22,21 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+$(NPM_STAMP): package.json package-lock.json
+	npm ci --no-audit --no-fund --ignore-scripts
+
 test: test-package test-book
 
 test-package: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --ignore=tests/test_book_browser.py
 
-test-book: $(STAMP)
+# the browser test needs Chromium (Debian: apt-get install chromium); WM_CHROMIUM names another
+test-book: $(STAMP) $(NPM_STAMP)
 	WM_SCALE=tiny $(PY) -m pytest -p no:cacheprovider -q --nbval-lax --nbval-current-env --nbval-sanitize-with book/sanitize.cfg book/*.ipynb
 	$(VENV)/bin/jupyter-book build . -W -n --keep-going
-	$(PY) -m pytest -q tests/test_book_html.py
+	WM_REQUIRE_BROWSER=1 $(PY) -m pytest -q tests/test_book_html.py tests/test_book_browser.py
 
-book: $(STAMP)
+book: $(STAMP) $(NPM_STAMP)
 	$(PY) book/make_figures.py
 	WM_SCALE=book $(PY) book/execute.py
 	$(VENV)/bin/jupyter-book build . -W -n --keep-going
@@ -39,4 +45,4 @@ benchmarks: $(STAMP)
 	for f in benchmarks/bench_*.py; do $(PY) $$f || exit 1; done
 
 clean:
-	rm -rf _build .pytest_cache
+	rm -rf _build .pytest_cache node_modules

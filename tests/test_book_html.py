@@ -174,3 +174,28 @@ def test_notebook_conventions(path):
     for c in code:
         for out in c.get("outputs", []):
             assert out.output_type != "error", f"{path.name}: an error output is committed"
+
+
+@pytest.mark.parametrize("path", notebooks(), ids=lambda p: p.stem)
+def test_widgets_that_need_a_kernel_are_the_live_ones(path):
+    """The page says that the live widgets (viz.traversal_widget, viz.dream_widget) need a
+    kernel, and lets every precomputed one work without; each has a static picture."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "book" / "_ext"))
+    try:
+        import wm_widgets
+    finally:
+        sys.path.pop(0)
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    state = wm_widgets.widget_state(path)
+    for cell in nb["cells"]:
+        for out in cell.get("outputs", []):
+            view = out.get("data", {}).get(wm_widgets.WIDGET_VIEW)
+            if not view:
+                continue
+            live = bool(re.search(r"\b(traversal_widget|dream_widget)\(", "".join(cell["source"])))
+            model_id = view["model_id"]
+            assert wm_widgets.needs_kernel(state, model_id) == live, f"{path.name}: {cell['source'][:80]!r}"
+            picture = wm_widgets.shown_image(state, model_id)
+            assert picture is not None and picture[0].startswith(b"\x89PNG"), f"{path.name}: widget {model_id} has no picture"

@@ -12,6 +12,10 @@ Every interactive figure of the book comes in three layers:
 3. a live widget for a running kernel (``traversal_widget``, ``dream_widget``), which
    calls V and M on every change.
 
+In the book's static pages (``book/_ext/wm_widgets.py``), each widget's place also holds the
+picture it showed when the chapter was executed: hidden once a precomputed widget renders,
+shown with a note that a kernel is needed in place of a live widget's inert controls.
+
 The precomputed widgets also link their controls in Python (``ipywidgets.link``), so that
 tests and a running kernel see the same effect as the browser; :func:`shown_image` returns
 the PNG bytes a widget currently shows.

@@ -1,0 +1,230 @@
+"""Sphinx extension: the book's widgets in the static HTML, with and without JavaScript.
+
+* The pages load the widget manager (@jupyter-widgets/html-manager), RequireJS and MathJax
+  from the build's own ``_static/vendor`` (copied from ``node_modules``, installed by
+  ``npm ci`` from package-lock.json), never from a CDN, so that the book works offline.
+* Each widget's place holds its static picture (layer 1 of the book's design): the image the
+  widget showed when the chapter was executed, read from the notebook's saved widget state.
+  A widget that works without a kernel (every control linked in the browser by ``jslink``)
+  hides the picture once it has rendered (``wm-widgets.css``); a widget that needs a kernel
+  shows the picture with a note that says so, instead of controls that would do nothing.
+* ``wm-widgets.js`` adapts the widget manager to the theme: Font Awesome must not replace the
+  ``<i>`` icons that ipywidgets' views update, and the manager's MathJax 2 call is served by
+  MathJax 3.
+* A script that an extension registered twice (sphinx-thebe's ``THEBE_JS_URL`` and
+  sphinx-togglebutton's settings) is written once.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import re
+import shutil
+from functools import lru_cache
+from pathlib import Path
+
+from docutils import nodes
+
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
+STATIC = Path(__file__).resolve().parent / "static"
+
+VENDOR = {
+    "html-manager": ("@jupyter-widgets/html-manager", "dist"),
+    "requirejs": ("requirejs", "."),
+    "mathjax": ("mathjax", "es5"),
+}
+"""Folder under ``_static/vendor`` -> (npm package, the folder of it that is copied)."""
+
+_SKIP = shutil.ignore_patterns("*.map", "embed.js", "libembed-amd.js", "*.LICENSE.txt", "bin", "*.md")
+
+_CONTAINERS = {"BoxModel", "VBoxModel", "HBoxModel", "GridBoxModel", "StackModel", "TabModel", "AccordionModel"}
+_DISPLAYS = {"ImageModel", "LabelModel", "HTMLModel", "HTMLMathModel", "ValidModel", "OutputModel"}
+_LINKS = {"LinkModel", "DirectionalLinkModel"}
+
+
+# --- the saved widget state -------------------------------------------------------------------
+
+
+def widget_state(notebook: Path) -> dict:
+    """The saved widget state of a notebook: model id -> {model_name, state, buffers}."""
+    meta = json.loads(Path(notebook).read_text(encoding="utf-8")).get("metadata", {})
+    return meta.get("widgets", {}).get(WIDGET_STATE, {}).get("state", {})
+
+
+def _refs(value) -> list[str]:
+    return re.findall(r"IPY_MODEL_([0-9a-f]+)", json.dumps(value))
+
+
+def tree(state: dict, model_id: str) -> list[str]:
+    """The ids of a widget and of every model it refers to (children, layouts, styles)."""
+    seen: list[str] = []
+    todo = [model_id]
+    while todo:
+        m = todo.pop()
+        if m in seen or m not in state:
+            continue
+        seen.append(m)
+        todo += _refs(state[m]["state"])
+    return seen
+
+
+def controls(state: dict, model_id: str) -> list[str]:
+    """The ids of the controls (sliders, toggles, Play, buttons...) of a widget."""
+    out = []
+    for m in tree(state, model_id):
+        name = state[m]["model_name"]
+        if name.endswith(("LayoutModel", "StyleModel")) or name in _CONTAINERS | _DISPLAYS:
+            continue
+        out.append(m)
+    return out
+
+
+def needs_kernel(state: dict, model_id: str) -> bool:
+    """Whether a widget needs a running kernel: one of its controls is not jslinked.
+
+    A control that no link joins in the browser can only act through Python callbacks.
+    """
+    linked = set()
+    for m in state.values():
+        if m["model_name"] in _LINKS:
+            for end in ("source", "target"):
+                linked.update(_refs(m["state"].get(end)))
+    return any(c not in linked for c in controls(state, model_id))
+
+
+def _image_value(model: dict) -> bytes:
+    for buf in model.get("buffers", []):
+        if buf.get("path") == ["value"]:
+            return base64.b64decode(buf["data"])
+    value = model["state"].get("value", "")
+    return base64.b64decode(value) if isinstance(value, str) else bytes(value)
+
+
+def shown_image(state: dict, model_id: str) -> tuple[bytes, str] | None:
+    """The image (bytes, format) a widget showed when it was saved, following its Stacks
+    and Boxes as ``worldmodels.viz.shown_image`` does; None when it shows no image."""
+    model = state.get(model_id)
+    if model is None:
+        return None
+    name, s = model["model_name"], model["state"]
+    if name == "ImageModel":
+        return _image_value(model), s.get("format", "png")
+    children = _refs(s.get("children", []))
+    if name == "StackModel":
+        index = s.get("selected_index")
+        return shown_image(state, children[index]) if index is not None and index < len(children) else None
+    if name in _CONTAINERS:
+        for child in reversed(children):
+            found = shown_image(state, child)
+            if found is not None:
+                return found
+    return None
+
+
+# --- the page's markup --------------------------------------------------------------------------
+
+
+def _picture(state: dict, model_id: str) -> str:
+    found = shown_image(state, model_id)
+    if found is None:
+        return ""
+    data, fmt = found
+    src = f"data:image/{fmt};base64,{base64.b64encode(data).decode()}"
+    return f'<img class="wm-widget-picture" src="{src}" alt="the picture the widget showed when the chapter was executed"/>'
+
+
+def widget_html(state: dict, view_script: str, model_id: str) -> str:
+    """The markup that replaces a widget view in the page (see the module's docstring)."""
+    picture = _picture(state, model_id)
+    if needs_kernel(state, model_id):
+        return (
+            f'<div class="wm-widget wm-needs-kernel" data-wm-model-id="{model_id}">'
+            '<p class="wm-widget-note">This widget needs a running Python kernel: it calls the models '
+            "on every change. Run the chapter in Jupyter, Colab or Binder to use it. Below, what it "
+            "showed when the chapter was executed.</p>"
+            f"{picture}</div>"
+        )
+    return (
+        f'<div class="wm-widget wm-kernel-free" data-wm-model-id="{model_id}">'
+        f'<div class="wm-widget-fallback">{picture}<p class="wm-widget-note">With JavaScript, '
+        "this figure has controls that flip through its precomputed frames.</p></div>"
+        f"{view_script}</div>"
+    )
+
+
+@lru_cache(maxsize=64)
+def _notebook_state(path: str, mtime: float) -> dict:
+    return widget_state(Path(path))
+
+
+def replace_widget_views(app, doctree, docname: str) -> None:
+    path = Path(app.env.doc2path(docname))
+    if path.suffix != ".ipynb" or app.builder.format != "html":
+        return
+    state = _notebook_state(str(path), path.stat().st_mtime)
+    for raw in list(doctree.findall(nodes.raw)):
+        text = raw.astext()
+        match = re.fullmatch(rf'\s*<script type="{re.escape(WIDGET_VIEW)}">(.*)</script>\s*', text, re.S)
+        if not match:
+            continue
+        model_id = json.loads(html.unescape(match.group(1)))["model_id"]
+        raw.replace_self(nodes.raw("", widget_html(state, text, model_id), format="html"))
+
+
+# --- scripts and vendor files ---------------------------------------------------------------------
+
+
+def vendor_source(srcdir: Path, package: str, folder: str) -> Path:
+    path = Path(srcdir) / "node_modules" / package / folder
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is missing: run `npm ci` in {srcdir} (the book's JavaScript comes from npm)")
+    return path
+
+
+def use_vendor_scripts(app, config) -> None:
+    config.html_static_path.append(str(STATIC))
+    for package, folder in VENDOR.values():
+        vendor_source(Path(app.srcdir), package, folder)
+    config.nb_ipywidgets_js = {
+        "vendor/requirejs/require.js": {},
+        "vendor/html-manager/embed-amd.js": {},
+    }
+    config.mathjax_path = "vendor/mathjax/tex-mml-chtml.js"
+    # the theme logs an error on a first visit when no default colour mode is set
+    config.html_context.setdefault("default_mode", "auto")
+
+
+def copy_vendor_files(app, exception) -> None:
+    if exception is not None or app.builder.format != "html":
+        return
+    for target, (package, folder) in VENDOR.items():
+        src = vendor_source(Path(app.srcdir), package, folder)
+        shutil.copytree(src, Path(app.outdir) / "_static" / "vendor" / target, ignore=_SKIP, dirs_exist_ok=True)
+
+
+def write_scripts_once(app, pagename, templatename, context, doctree) -> None:
+    scripts = context.get("script_files")
+    if not scripts:
+        return
+    seen, unique = set(), []
+    for js in scripts:
+        attributes = {k: v for k, v in getattr(js, "attributes", {}).items() if k != "priority"}
+        key = (str(getattr(js, "filename", js) or ""), json.dumps(attributes, sort_keys=True, default=str))
+        if key not in seen:
+            seen.add(key)
+            unique.append(js)
+    scripts[:] = unique
+
+
+def setup(app):
+    app.connect("config-inited", use_vendor_scripts)
+    # before the theme's scripts: Font Awesome reads its configuration when it loads
+    app.add_js_file("wm-widgets.js", priority=100)
+    app.add_css_file("wm-widgets.css")
+    app.connect("doctree-resolved", replace_widget_views)
+    app.connect("html-page-context", write_scripts_once, priority=900)
+    app.connect("build-finished", copy_vendor_files)
+    return {"parallel_read_safe": True, "parallel_write_safe": True}
