@@ -178,7 +178,7 @@ def test_notebook_conventions(path):
 
 @pytest.mark.parametrize("path", notebooks(), ids=lambda p: p.stem)
 def test_widgets_that_need_a_kernel_are_the_live_ones(path):
-    """The page says that the live widgets (viz.traversal_widget, viz.dream_widget) need a
+    """The page says that the live widgets (widgets.traversal_widget, widgets.dream_widget) need a
     kernel, and lets every precomputed one work without; each has a static picture."""
     import sys
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from worldmodels import viz
+from worldmodels import viz, widgets
 from worldmodels.mdrnn import MDRNN
 from worldmodels.vae import VAE
 
@@ -106,12 +106,12 @@ def test_video_html_embeds_the_video():
 
 
 def test_precomputed_slider_changes_the_shown_image():
-    box = viz.precomputed_slider(frames(4), labels=list("abcd"))
-    first = viz.shown_image(box)
+    box = widgets.precomputed_slider(frames(4), labels=list("abcd"))
+    first = widgets.shown_image(box)
     box.slider.value = 2
     assert box.stack.selected_index == 2
-    assert viz.shown_image(box) != first
-    assert viz.shown_image(box) == bytes(box.stack.children[2].value)
+    assert widgets.shown_image(box) != first
+    assert widgets.shown_image(box) == bytes(box.stack.children[2].value)
     box.play.value = 3  # the Play button drives the slider
     assert box.slider.value == 3 and box.stack.selected_index == 3
     # linked in the browser too, so that the static HTML works without a kernel
@@ -121,31 +121,31 @@ def test_precomputed_slider_changes_the_shown_image():
 
 def test_precomputed_slider_rejects_no_frames():
     with pytest.raises(ValueError):
-        viz.precomputed_slider(np.zeros((0, 64, 64, 3), np.uint8))
+        widgets.precomputed_slider(np.zeros((0, 64, 64, 3), np.uint8))
 
 
 def test_precomputed_traversal(vae):
     z0 = np.zeros(8, np.float32)
-    box = viz.precomputed_traversal(vae, z0, dims=[0, 3], values=[-2.0, 0.0, 2.0])
+    box = widgets.precomputed_traversal(vae, z0, dims=[0, 3], values=[-2.0, 0.0, 2.0])
     assert box.slider.value == 1
-    before = viz.shown_image(box)
+    before = widgets.shown_image(box)
     box.slider.value = 0
-    after_value = viz.shown_image(box)
+    after_value = widgets.shown_image(box)
     assert after_value != before
     box.dim.index = 1
     assert box.stack.selected_index == 1
-    assert viz.shown_image(box) != after_value
+    assert widgets.shown_image(box) != after_value
     assert jslinked(box.links, (box.dim, "index"), (box.stack, "selected_index"))
 
 
 def test_traversal_frames_sets_one_dimension(vae):
-    grid = viz.traversal_frames(vae, np.zeros(8), dims=[1], values=[0.0, 1.0])
+    grid = widgets.traversal_frames(vae, np.zeros(8), dims=[1], values=[0.0, 1.0])
     assert grid.shape == (1, 2, 64, 64, 3)
     assert np.array_equal(grid[0, 0], viz.decode(vae, np.zeros((1, 8)))[0])
 
 
 def test_traversal_widget_sliders_change_the_decoded_image(vae):
-    box = viz.traversal_widget(vae, frames(3), dims=[0, 1, 2])
+    box = widgets.traversal_widget(vae, frames(3), dims=[0, 1, 2])
     before = bytes(box.image.value)
     box.sliders[1].value = 2.5
     assert box.z[1] == pytest.approx(2.5)
@@ -160,17 +160,17 @@ def test_traversal_widget_sliders_change_the_decoded_image(vae):
 
 def test_dream_rollout_and_temperature(vae, mdrnn):
     a = np.tile([0.0, 0.5, 0.0], (5, 1))
-    f1 = viz.dream_rollout(vae, mdrnn, np.zeros(8), a, tau=1.0, seed=3)
-    f2 = viz.dream_rollout(vae, mdrnn, np.zeros(8), a, tau=1.0, seed=3)
+    f1 = widgets.dream_frames(vae, mdrnn, np.zeros(8), a, tau=1.0, seed=3)
+    f2 = widgets.dream_frames(vae, mdrnn, np.zeros(8), a, tau=1.0, seed=3)
     assert f1.shape == (6, 64, 64, 3)
     assert np.array_equal(f1, f2)  # seeded
 
 
 def test_precomputed_dream(vae, mdrnn):
-    box = viz.precomputed_dream(vae, mdrnn, np.zeros(8), temperatures=(0.5, 1.5), steps=3)
-    start = viz.shown_image(box)
+    box = widgets.precomputed_dream(vae, mdrnn, np.zeros(8), temperatures=(0.5, 1.5), steps=3)
+    start = widgets.shown_image(box)
     box.slider.value = 3
-    later = viz.shown_image(box)
+    later = widgets.shown_image(box)
     assert later != start
     box.temperature.index = 1
     assert box.stack.children[0].selected_index == 1
@@ -180,7 +180,7 @@ def test_precomputed_dream(vae, mdrnn):
 
 
 def test_dream_widget_buttons_step_the_dream(vae, mdrnn):
-    box = viz.dream_widget(vae, mdrnn, np.zeros(8))
+    box = widgets.dream_widget(vae, mdrnn, np.zeros(8))
     start = bytes(box.image.value)
     box.buttons["left"].click()
     assert box.t == 1

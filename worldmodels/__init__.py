@@ -13,7 +13,7 @@ FAST_CARRACING_ID = "worldmodels/CarRacing-v3"
 
 _SUBMODULES = (
     "ablations", "carracing", "checkpoint", "cli", "config", "controller", "data", "dream", "env", "evolution",
-    "fit", "mdrnn", "parallel", "prefetch", "pretrained", "rollout", "runs", "train", "vae", "viz",
+    "fit", "mdrnn", "parallel", "prefetch", "pretrained", "rollout", "runs", "train", "vae", "viz", "widgets",
 )
 
 

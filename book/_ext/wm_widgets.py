@@ -105,7 +105,7 @@ def _image_value(model: dict) -> bytes:
 
 def shown_image(state: dict, model_id: str) -> tuple[bytes, str] | None:
     """The image (bytes, format) a widget showed when it was saved, following its Stacks
-    and Boxes as ``worldmodels.viz.shown_image`` does; None when it shows no image."""
+    and Boxes as ``worldmodels.widgets.shown_image`` does; None when it shows no image."""
     model = state.get(model_id)
     if model is None:
         return None
