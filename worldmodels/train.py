@@ -64,7 +64,10 @@ from worldmodels.data import (
     split_episodes,
 )
 from worldmodels.mdrnn import MDNOutput, MDRNN, MDRNNLoss, mdn_loss
-from worldmodels.runs import RunDir, as_run_dir, atomic_path, load_mdrnn, load_tensors, load_vae, read_json, save_tensors, write_json
+from worldmodels.runs import (
+    RunDir, as_run_dir, atomic_path, load_mdrnn, load_tensors, load_train_state, load_vae, read_json, save_tensors,
+    weights_metadata, write_json,
+)
 from worldmodels.vae import VAE, VAELoss, frames_to_tensor, vae_loss
 
 CHECKPOINT_SECONDS = 600.0
@@ -251,13 +254,10 @@ class _Stage:
         """Load the last checkpoint if there is one; True when resumed."""
         if not self.weights_path.exists():
             return False
-        from safetensors import safe_open
-
-        with safe_open(str(self.weights_path), "pt") as f:
-            step = int((f.metadata() or {}).get("step", -1))
+        step = int(weights_metadata(self.weights_path).get("step", -1))
         for path in (self.state_path, self.prev_path):
             if path.exists():
-                state = torch.load(path, map_location="cpu", weights_only=True)
+                state = load_train_state(path)
                 if state["progress"]["step"] == step:
                     break
         else:
@@ -780,9 +780,6 @@ def stage_summary(run: str | Path | RunDir, stage: str) -> str:
                 f"{done['best_step']}, {done['seconds']:.0f} s -> {folder / done['weights']}")
     weights = folder / "last.safetensors"
     if weights.exists():
-        from safetensors import safe_open
-
-        with safe_open(str(weights), "pt") as f:
-            step = (f.metadata() or {}).get("step", "?")
+        step = weights_metadata(weights).get("step", "?")
         return f"{label}: stopped at step {step} (checkpoint {weights}); run again to resume"
     return f"{label}: not trained yet"
