@@ -55,23 +55,11 @@ def test_ablations_names_a_bad_ablation(tmp_path):
     assert out.returncode != 0 and "'w'" in out.stderr and "untrained_m" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_pipeline_on_finished_v_and_m_collects_nothing(tmp_path):
-    import torch
-
+def test_pipeline_on_finished_v_and_m_collects_nothing(fake_run):
     from worldmodels.config import preset
-    from worldmodels.mdrnn import MDRNN
-    from worldmodels.runs import RunDir, save_tensors, write_json
-    from worldmodels.vae import VAE
 
     cfg = preset("tiny")
-    run = RunDir(tmp_path / "run")
-    run.bind(cfg)
-    torch.manual_seed(0)
-    save_tensors(run.vae / "vae.safetensors", VAE(cfg.vae.z_size).state_dict())
-    write_json(run.vae / "done.json", {"stage": "vae", "weights": "vae.safetensors"})
-    m = cfg.mdrnn
-    save_tensors(run.mdrnn / "mdrnn.safetensors", MDRNN(32, 3, m.hidden_size, m.n_gaussians, True, True).state_dict())
-    write_json(run.mdrnn / "done.json", {"stage": "mdrnn", "weights": "mdrnn.safetensors"})
+    run = fake_run(cfg)
     run_cli("pipeline", "--scale", "tiny", "--run-dir", str(run.path), "--quiet")
     assert not any((run.path / "data").glob("*")) and not any((run.path / "latents").glob("*"))
     results = json.loads((run.path / "eval" / "results.json").read_text())
