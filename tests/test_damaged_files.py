@@ -117,6 +117,13 @@ def test_damaged_weights_are_named_by_evaluate_and_record(fake_run, tmp_path, st
     assert expected in error_line(run_args("record", run, "--max-steps", "5", "--out", str(tmp_path / "x.gif")))
 
 
+def test_a_file_that_is_not_a_controller_is_named(fake_run):
+    run = fake_run(CFG, controller=True)
+    other = run.vae / BEST_WEIGHTS["vae"]
+    line = error_line(run_args("evaluate", run, "--episodes", "1", "--controller", str(other)))
+    assert line.startswith(f"error: {other}: not a controller file")
+
+
 def test_weights_of_another_architecture_are_named(fake_run):
     run = fake_run(CFG, controller=True)
     recorded = read_json(run.config_path)
