@@ -59,20 +59,22 @@ def _damaged_file_errors() -> tuple[type[Exception], ...]:
 
 
 @contextmanager
-def reading(path: str | Path, what: str, error: type[Exception] = DamagedFileError) -> Iterator[None]:
+def reading(
+    path: str | Path, what: str, error: type[Exception] = DamagedFileError, also: tuple[type[Exception], ...] = ()
+) -> Iterator[None]:
     """Inside the block, what reading a damaged `path` raises (numpy's, safetensors', zip's, JSON's,
-    pickle's errors) becomes `error` with a one-line message naming the file; a missing file stays
-    a FileNotFoundError."""
+    pickle's errors, and those in `also`) becomes `error` with a one-line message naming the file;
+    a missing file stays a FileNotFoundError."""
     try:
         yield
     except FileNotFoundError:
         raise
-    except _damaged_file_errors() as e:
+    except (*_damaged_file_errors(), *also) as e:
         raise error(damaged_message(path, what, e)) from e
 
 
 def damaged_message(path: str | Path, what: str, cause: BaseException) -> str:
-    """``PATH: corrupt or truncated WHAT (Cause: its first line)``."""
+    """``PATH: corrupt or truncated WHAT (Cause: its message on one line)``."""
     detail = " ".join(str(cause).split())[:200]
     return f"{path}: corrupt or truncated {what} ({type(cause).__name__}: {detail})"
 
@@ -161,11 +163,8 @@ def weights_metadata(path: str | Path) -> dict[str, str]:
 def load_train_state(path: str | Path) -> dict:
     """A training state saved with ``torch.save`` by the run itself (optimiser, RNG, progress;
     tensors only, no code); a damaged file raises DamagedFileError naming it."""
-    with reading(path, "training state"):
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except RuntimeError as e:  # torch's reader of a truncated archive
-            raise ValueError(str(e)) from e
+    with reading(path, "training state", also=(RuntimeError,)):  # RuntimeError: torch's reader of a damaged archive
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def load_weights(model: torch.nn.Module, path: str | Path, device: str = "cpu") -> None:
