@@ -17,8 +17,8 @@ from worldmodels.data import Episode, EpisodeError, episode_path, save_episode, 
 from worldmodels.evolution import load_checkpoint
 from worldmodels.parallel import TaskError
 from worldmodels.runs import (
-    BEST_WEIGHTS, DREAM_STARTS, ES_CHECKPOINT, LAST_WEIGHTS, MANIFEST_FILE, RESULTS_FILE, TRAIN_STATE, DamagedFileError,
-    RunDir, load_tensors, read_json, write_bytes, write_json,
+    BEST_WEIGHTS, DREAM_STARTS, ES_CHECKPOINT, LAST_WEIGHTS, MANIFEST_FILE, METRICS_FILE, RESULTS_FILE, TRAIN_STATE,
+    DamagedFileError, RunDir, load_tensors, read_json, write_bytes, write_json,
 )
 
 CFG = preset("tiny", **{"data.episodes": 2, "cma.workers": 1, "data.workers": 1})
@@ -44,7 +44,8 @@ def fake_episodes(run: RunDir, latents: bool = False) -> list[Path]:
     for i in range(CFG.data.episodes):
         ep = Episode(
             obs=rng.integers(0, 256, (STEPS, 64, 64, 3), dtype=np.uint8), action=rng.uniform(-1, 1, (STEPS, 3)),
-            reward=rng.normal(size=STEPS), terminated=np.zeros(STEPS, bool), truncated=np.eye(1, STEPS, STEPS - 1, bool)[0],
+            reward=rng.normal(size=STEPS), terminated=np.zeros(STEPS, bool),
+            truncated=np.arange(STEPS) == STEPS - 1,
             final_obs=rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), seed=i,
         )
         files.append(episode_path(run.data, i))
@@ -139,11 +140,10 @@ def test_a_damaged_training_checkpoint_is_named_by_train_vae(tmp_path, damage):
     fake_episodes(run)
     three_epochs = run_args("train-vae", run, "--vae.epochs", "3")
     assert main([*three_epochs, "--max-steps", "1"]) is None  # one step, then a checkpoint
-    for name in (LAST_WEIGHTS, TRAIN_STATE):
+    for name, what in ((LAST_WEIGHTS, "weights file"), (TRAIN_STATE, "training state"), (METRICS_FILE, "metrics file")):
         path = run.vae / name
         kept = path.read_bytes()
-        DAMAGE[damage](path)
-        what = "weights file" if name == LAST_WEIGHTS else "training state"
+        (corrupt if name == METRICS_FILE else DAMAGE[damage])(path)  # a truncated text file still reads
         assert f"{path}: corrupt or truncated {what}" in error_line(three_epochs)
         path.write_bytes(kept)
 

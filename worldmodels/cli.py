@@ -337,7 +337,8 @@ def _config_fields() -> list[str]:
     cfg, names = Config(), []
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        names += [f"{f.name}.{g.name}" for g in dataclasses.fields(value)] if dataclasses.is_dataclass(value) else [f.name]
+        is_section = dataclasses.is_dataclass(value)
+        names += [f"{f.name}.{g.name}" for g in dataclasses.fields(value)] if is_section else [f.name]
     return names
 
 

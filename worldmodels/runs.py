@@ -55,7 +55,9 @@ class DamagedFileError(RunDirError):
 def _damaged_file_errors() -> tuple[type[Exception], ...]:
     from safetensors import SafetensorError
 
-    return (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error, pickle.UnpicklingError, SafetensorError)
+    return (
+        OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error, pickle.UnpicklingError, SafetensorError,
+    )
 
 
 @contextmanager

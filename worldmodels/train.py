@@ -65,8 +65,8 @@ from worldmodels.data import (
 )
 from worldmodels.mdrnn import MDNOutput, MDRNN, MDRNNLoss, mdn_loss
 from worldmodels.runs import (
-    RunDir, as_run_dir, atomic_path, load_mdrnn, load_tensors, load_train_state, load_vae, read_json, save_tensors,
-    weights_metadata, write_json,
+    RunDir, as_run_dir, atomic_path, load_mdrnn, load_tensors, load_train_state, load_vae, read_json, reading,
+    save_tensors, weights_metadata, write_json,
 )
 from worldmodels.vae import VAE, VAELoss, frames_to_tensor, vae_loss
 
@@ -406,7 +406,8 @@ class _MetricsCSV:
 
     def __init__(self, path: Path, columns: list[str], keep_rows: int):
         self.path, self.columns = path, columns
-        lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+        with reading(path, "metrics file"):
+            lines = path.read_text().splitlines(keepends=True) if path.exists() else []
         kept = lines[1 : 1 + keep_rows]
         with atomic_path(path) as tmp:
             tmp.write_text(",".join(columns) + "\n" + "".join(kept))

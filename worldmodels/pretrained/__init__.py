@@ -57,7 +57,7 @@ RECORDS = (
     f"controller/{HISTORY_FILE}",
     f"controller/{SELECTION_FILE}",
     f"controller/{DREAM_SUMMARY}",
-    *(f"controller/dream_tau*_{name}" for name in (BEST_WEIGHTS["controller"], DONE_FILE, HISTORY_FILE, SELECTION_FILE)),
+    *(f"controller/dream_tau*_{f}" for f in (BEST_WEIGHTS["controller"], DONE_FILE, HISTORY_FILE, SELECTION_FILE)),
     RESULTS,
 )
 """Small files copied as they are (glob patterns: every match); those a run does not have are left out.
