@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 
 from worldmodels.config import Config, DataConfig, EnvConfig
 from worldmodels.env import ACTION_HIGH, ACTION_LOW, make_env
-from worldmodels.runs import DONE_FILE, MANIFEST_FILE, RunDir, as_run_dir, read_json, reading, save_npz, write_json
+from worldmodels.runs import DONE_FILE, MANIFEST_FILE, RunDir, as_run_dir, open_npz, read_json, save_npz, write_json
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ def load_episode(path: str | Path) -> Episode:
     """Read and check one episode file; a truncated or inconsistent file raises EpisodeError."""
     path = Path(path)
     try:
-        with reading(path, "episode file", EpisodeError), np.load(path) as f:
+        with open_npz(path, "episode file", EpisodeError) as f:
             missing = [k for k in EPISODE_KEYS if k not in f.files]
             if missing:
                 raise EpisodeError(f"{path}: missing arrays {missing}")
@@ -282,7 +282,7 @@ def _collect_group(env_cfg: EnvConfig, data_cfg: DataConfig, data_dir: str, indi
 
 def _record_from_file(path: Path) -> dict:
     """The manifest's record of an episode, reading only its small arrays (not the frames)."""
-    with reading(path, "episode file", EpisodeError), np.load(path) as f:
+    with open_npz(path, "episode file", EpisodeError) as f:
         reward, terminated, seed = f["reward"], f["terminated"], int(f["seed"])
     return {
         "index": episode_index(path),
@@ -525,7 +525,7 @@ class FrameDataset(torch.utils.data.IterableDataset):
         """Frames per epoch (reads each file's actions only); a damaged file raises EpisodeError naming it."""
         total = 0
         for f in self.files:
-            with reading(f, "episode file", EpisodeError), np.load(f) as z:
+            with open_npz(f, "episode file", EpisodeError) as z:
                 n = len(z["action"]) + 1
             total += min(n, self.frames_per_episode) if self.frames_per_episode else n
         return total
@@ -553,7 +553,7 @@ def save_latents(path: str | Path, mu: np.ndarray, logvar: np.ndarray, ep: Episo
 def load_latents(path: str | Path) -> dict[str, np.ndarray]:
     path = Path(path)
     try:
-        with reading(path, "latent file", EpisodeError), np.load(path) as f:
+        with open_npz(path, "latent file", EpisodeError) as f:
             out = {k: f[k] for k in LATENT_KEYS}
     except FileNotFoundError as e:
         raise EpisodeError(f"{path}: no such latent file") from e

@@ -40,7 +40,7 @@ from worldmodels.evolution import Task, evolve, is_finished
 from worldmodels.mdrnn import MDRNN, sample_next_z
 from worldmodels.parallel import InlineExecutor, one_torch_thread
 from worldmodels.runs import (
-    BEST_WEIGHTS, DONE_FILE, DREAM_STARTS, DREAM_SUMMARY, RunDir, as_run_dir, load_mdrnn, load_vae, read_json, reading,
+    BEST_WEIGHTS, DONE_FILE, DREAM_STARTS, DREAM_SUMMARY, RunDir, as_run_dir, load_mdrnn, load_vae, open_npz, read_json,
     save_npz, write_json,
 )
 from worldmodels.vae import frames_to_tensor
@@ -163,14 +163,14 @@ def initial_latents(run: str | Path | RunDir, frame: int = INITIAL_FRAME) -> tup
     if files:
         mus, logvars = [], []
         for f in files:
-            with reading(f, "latent file", EpisodeError), np.load(f) as d:
+            with open_npz(f, "latent file", EpisodeError) as d:
                 t = min(frame, len(d["mu"]) - 1)
                 mus.append(np.asarray(d["mu"][t], np.float32))
                 logvars.append(np.asarray(d["logvar"][t], np.float32))
         return np.stack(mus), np.stack(logvars)
     starts = run.controller / DREAM_STARTS
     if starts.exists():
-        with reading(starts, "start latents file"), np.load(starts) as d:
+        with open_npz(starts, "start latents file") as d:
             if int(d["frame"]) == frame:
                 return d["mu"].astype(np.float32), d["logvar"].astype(np.float32)
     return _encode_initial_frames(run, frame)

@@ -75,6 +75,16 @@ def reading(
         raise error(damaged_message(path, what, e)) from e
 
 
+@contextmanager
+def open_npz(path: str | Path, what: str, error: type[Exception] = DamagedFileError) -> Iterator[Any]:
+    """``np.load(path)`` of a .npz file, read inside :func:`reading`: a damaged file raises `error` naming it."""
+    with reading(path, what, error):
+        if Path(path).exists() and not zipfile.is_zipfile(path):  # else numpy takes it for a pickle
+            raise zipfile.BadZipFile("not a .npz (zip) archive")
+        with np.load(path) as f:
+            yield f
+
+
 def damaged_message(path: str | Path, what: str, cause: BaseException) -> str:
     """``PATH: corrupt or truncated WHAT (Cause: its message on one line)``."""
     detail = " ".join(str(cause).split())[:200]
@@ -171,8 +181,9 @@ def load_train_state(path: str | Path) -> dict:
 
 def load_weights(model: torch.nn.Module, path: str | Path, device: str = "cpu") -> None:
     """Load `path` into `model`; weights of another architecture raise DamagedFileError naming the file."""
+    tensors = load_tensors(path, device=device)
     try:
-        model.load_state_dict(load_tensors(path, device=device))
+        model.load_state_dict(tensors)
     except RuntimeError as e:  # load_state_dict: missing, unexpected or misshapen tensors
         raise DamagedFileError(f"{path}: weights of another architecture than the run's config.json describes "
             f"({' '.join(str(e).split())[:200]})") from e
