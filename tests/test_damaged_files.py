@@ -237,10 +237,3 @@ def test_train_vae_on_a_truncated_episode_exits_with_one_line(tmp_path):
         f"error: {episode_path(run.data, 0)}: corrupt or truncated episode file (BadZipFile: not a .npz (zip) archive)"
     ]
 
-
-def test_config_errors_name_the_flag():
-    for flag, value, expected in [
-        ("--data.episodes", "-3", "error: --data.episodes = -3 is out of range: allowed [1, inf]"),
-        ("--data.episode-steps", "0", "error: --data.episode-steps = 0 is out of range: allowed [2, 1000]"),
-    ]:
-        assert error_line(["train-vae", "--run-dir", "unused", flag, value]) == expected
