@@ -11,10 +11,9 @@ import torch
 from worldmodels.ablations import ABLATIONS, MAIN, ablation_config, ablation_dir, format_table, markdown_table, run_ablation, table
 from worldmodels.config import preset
 from worldmodels.mdrnn import MDRNN
-from worldmodels.runs import RunDir, save_tensors, write_json
+from worldmodels.runs import RunDir, write_bytes, write_json
 from worldmodels.runs import load_mdrnn, load_vae
 from worldmodels.train import stage_summary, train_mdrnn
-from worldmodels.vae import VAE
 
 CFG = preset(
     "tiny",
@@ -26,18 +25,9 @@ CFG = preset(
 
 
 @pytest.fixture()
-def main_run(tmp_path):
+def main_run(fake_run):
     """A main run whose V and M are finished (random weights stand in for trained ones)."""
-    torch.manual_seed(0)
-    run = RunDir(tmp_path / "run")
-    run.bind(CFG)
-    save_tensors(run.vae / "vae.safetensors", VAE(CFG.vae.z_size).state_dict())
-    write_json(run.vae / "done.json", {"stage": "vae", "weights": "vae.safetensors"})
-    m = CFG.mdrnn
-    mdrnn = MDRNN(CFG.vae.z_size, 3, m.hidden_size, m.n_gaussians, reward_head=True, done_head=True)
-    save_tensors(run.mdrnn / "mdrnn.safetensors", mdrnn.state_dict())
-    write_json(run.mdrnn / "done.json", {"stage": "mdrnn", "weights": "mdrnn.safetensors"})
-    return run
+    return fake_run(CFG)
 
 
 def test_each_ablation_changes_one_thing():
@@ -134,7 +124,7 @@ def test_table_counts_training_validation_and_selection_episodes(tmp_path):
     lines = ["generation,fitness_mean,val_mean,seconds"] + [
         f"{g},1.0,{'500.0' if g % 10 == 9 else ''},30.0" for g in range(20)
     ]
-    (run.controller / "history.csv").write_text("\n".join(lines) + "\n")
+    write_bytes(run.controller / "history.csv", ("\n".join(lines) + "\n").encode())
     row = table(run)[0]
     assert row["generations"] == 20 and row["controller_seconds"] == 600.0
     assert row["controller_episodes"] == 20 * 16 * 4 + 2 * 16

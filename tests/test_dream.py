@@ -121,22 +121,15 @@ def test_initial_latents_and_dream_task(tmp_path):
     np.testing.assert_array_equal(dream_task(worker, validate[0]), dream_task(worker, validate[1]))
 
 
-def test_initial_latents_come_from_the_latents_a_starts_file_or_regenerated_episodes(tmp_path):
+def test_initial_latents_come_from_the_latents_a_starts_file_or_regenerated_episodes(tmp_path, fake_run):
     from worldmodels.data import collect
     from worldmodels.dream import STARTS_FILE, save_initial_latents
-    from worldmodels.runs import write_json
     from worldmodels.train import encode
     from worldmodels.vae import VAE
 
     cfg = preset("tiny", **{"data.workers": 1})
-    encoded, bare = RunDir(tmp_path / "encoded"), RunDir(tmp_path / "bare")
-    torch.manual_seed(0)
-    weights = VAE(cfg.vae.z_size).state_dict()
-    for run in (encoded, bare):
-        run.bind(cfg)
-        save_tensors(run.vae / "vae.safetensors", weights)
+    encoded, bare = (fake_run(cfg, tmp_path / name, mdrnn=False) for name in ("encoded", "bare"))  # the same V
     collect(cfg, encoded, quiet=True)
-    write_json(encoded.vae / "done.json", {"best_step": 0})
     encode(cfg, encoded, quiet=True)
     mu, logvar = initial_latents(encoded)
     assert mu.shape == logvar.shape == (cfg.data.episodes, cfg.vae.z_size)
@@ -154,12 +147,11 @@ def test_initial_latents_come_from_the_latents_a_starts_file_or_regenerated_epis
     assert not np.allclose(initial_latents(bare, frame=10)[0], regenerated[0])  # another frame: computed
 
 
-def test_train_controller_in_dream_tiny(tmp_path, monkeypatch):
+def test_train_controller_in_dream_tiny(tmp_path, monkeypatch, fake_run):
     from worldmodels.controller import load_controller
     from worldmodels.dream import dream_cma
     from worldmodels.evolution import read_history
     from worldmodels.runs import read_json
-    from worldmodels.vae import VAE
 
     cfg = preset(
         "tiny",
@@ -169,12 +161,7 @@ def test_train_controller_in_dream_tiny(tmp_path, monkeypatch):
             "eval.episodes": 1,
         },
     )
-    run = RunDir(tmp_path / "run")
-    run.bind(cfg)
-    torch.manual_seed(0)
-    save_tensors(run.vae / "vae.safetensors", VAE(cfg.vae.z_size).state_dict())
-    m = MDRNN(cfg.vae.z_size, 3, cfg.mdrnn.hidden_size, cfg.mdrnn.n_gaussians, True, True)
-    save_tensors(run.mdrnn / "mdrnn.safetensors", m.state_dict())
+    run = fake_run(cfg)
     for i in range(3):
         save_npz(
             run.latents / f"ep{i:05d}.npz",

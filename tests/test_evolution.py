@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from worldmodels.config import CMAConfig, ConfigError, preset
 from worldmodels.evolution import (
@@ -159,12 +158,7 @@ def test_resume_after_kill_mid_generation(tmp_path):
 
 
 # ----------------------------------------------------------------------------- real environment
-def _tiny_run(tmp_path: Path):
-    pytest.importorskip("worldmodels.rollout")
-    from worldmodels.mdrnn import MDRNN
-    from worldmodels.runs import RunDir, save_tensors
-    from worldmodels.vae import VAE
-
+def _tiny_run(fake_run, path: Path):
     cfg = preset(
         "tiny",
         **{
@@ -172,20 +166,14 @@ def _tiny_run(tmp_path: Path):
             "cma.workers": 2, "cma.envs_per_worker": 2, "cma.early_stop_steps": 10,
         },
     )
-    torch.manual_seed(0)
-    run = RunDir(tmp_path / "run")
-    run.bind(cfg)
-    save_tensors(run.vae / "vae.safetensors", VAE(cfg.vae.z_size).state_dict())
-    mdrnn = MDRNN(cfg.vae.z_size, 3, cfg.mdrnn.hidden_size, cfg.mdrnn.n_gaussians, True, True)
-    save_tensors(run.mdrnn / "mdrnn.safetensors", mdrnn.state_dict())
-    return cfg, run
+    return cfg, fake_run(cfg, path)
 
 
-def test_train_controller_tiny_end_to_end(tmp_path):
+def test_train_controller_tiny_end_to_end(tmp_path, fake_run):
     from worldmodels.controller import load_controller, n_params
     from worldmodels.evolution import train_controller
 
-    cfg, run = _tiny_run(tmp_path)
+    cfg, run = _tiny_run(fake_run, tmp_path / "run")
     first = train_controller(cfg, run, quiet=True, max_generations=1)
     assert first.shape == (n_params("zh", cfg.vae.z_size, cfg.mdrnn.hidden_size),)
     assert not (run.controller / "done.json").exists()
@@ -206,11 +194,11 @@ def _boom():
     raise AssertionError("a finished run must not build workers")
 
 
-def test_a_finished_run_continues_when_generations_grow(tmp_path):
+def test_a_finished_run_continues_when_generations_grow(tmp_path, fake_run):
     from worldmodels.evolution import is_finished, train_controller
     from worldmodels.runs import RunDirError
 
-    cfg, run = _tiny_run(tmp_path)
+    cfg, run = _tiny_run(fake_run, tmp_path / "run")
     train_controller(cfg, run, quiet=True)
     assert is_finished(run.controller, cfg.cma)
     longer = cfg.replace(**{"cma.generations": 3})
@@ -221,7 +209,7 @@ def test_a_finished_run_continues_when_generations_grow(tmp_path):
     assert run.load_config().cma.generations == 3  # the run records what it now is
     assert is_finished(run.controller, longer.cma)
     # The same 3 generations in one go give the same search state (sigma, mean).
-    _, fresh = _tiny_run(tmp_path / "fresh")
+    _, fresh = _tiny_run(fake_run, tmp_path / "fresh")
     train_controller(longer, fresh, quiet=True)
     a = load_checkpoint(run.controller / "es.pkl")
     b = load_checkpoint(fresh.controller / "es.pkl")

@@ -6,30 +6,18 @@ import torch
 
 from worldmodels import pretrained
 from worldmodels.config import preset
-from worldmodels.controller import ControllerShape, save_controller
-from worldmodels.mdrnn import MDRNN
+from worldmodels.controller import ControllerShape, load_controller, save_controller
 from worldmodels.rollout import Agent, evaluate_run
-from worldmodels.runs import RunDir, load_tensors, save_tensors, write_json
-from worldmodels.vae import VAE
+from worldmodels.runs import load_tensors, save_tensors, write_json
 
 CFG = preset("tiny")
 
 
 @pytest.fixture()
-def finished_run(tmp_path):
+def finished_run(fake_run):
     """A run with (random) V, M and controller weights and an evaluation, as if finished."""
-    torch.manual_seed(0)
-    run = RunDir(tmp_path / "run")
-    run.bind(CFG)
-    m = CFG.mdrnn
-    save_tensors(run.vae / "vae.safetensors", VAE(CFG.vae.z_size).state_dict())
-    mdrnn = MDRNN(CFG.vae.z_size, 3, m.hidden_size, m.n_gaussians, reward_head=True, done_head=True)
-    save_tensors(run.mdrnn / "mdrnn.safetensors", mdrnn.state_dict())
-    shape = ControllerShape.from_config(CFG)
-    params = np.random.default_rng(0).normal(0, 0.1, shape.n_params)
-    save_controller(run.controller / "best.safetensors", params, shape, {"generation": "7"})
-    write_json(run.eval / "results.json", {"returns": [1.0, 3.0], "mean": 2.0, "std": 1.0})
-    return run, params
+    run = fake_run(CFG, controller=True, results={"returns": [1.0, 3.0], "mean": 2.0, "std": 1.0})
+    return run, load_controller(run.controller / "best.safetensors").params
 
 
 def test_export_load_round_trip_in_float16(tmp_path, finished_run):

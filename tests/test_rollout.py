@@ -10,7 +10,6 @@ import torch
 
 from worldmodels.cli import main
 from worldmodels.config import preset
-from worldmodels.controller import ControllerShape, save_controller
 from worldmodels.mdrnn import MDRNN
 from worldmodels.rollout import Agent, _LSTMCell, agent_config, build_agent, evaluate, record, rollout
 from worldmodels.runs import RunDir, save_tensors
@@ -160,16 +159,9 @@ def test_evaluate_in_workers_matches_inline():
 
 
 @pytest.fixture()
-def run_dir(tmp_path):
+def run_dir(fake_run):
     """A fake finished run: random V and M, and a random best controller."""
-    agent = make_agent()
-    run = RunDir(tmp_path / "run")
-    run.bind(CFG)
-    save_tensors(run.vae / "vae.safetensors", agent.vae.state_dict())
-    save_tensors(run.mdrnn / "mdrnn.safetensors", agent.mdrnn.state_dict())
-    shape = ControllerShape.from_config(CFG)
-    save_controller(run.controller / "best.safetensors", random_params(agent, 1)[0], shape)
-    return run
+    return fake_run(CFG, controller=True)
 
 
 def test_evaluate_cli_json(run_dir, capsys):

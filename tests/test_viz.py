@@ -86,7 +86,14 @@ def test_static_figures(tmp_path):
     assert len(fig.axes) == 2
     plt.close(fig)
     track = np.stack([np.cos(np.linspace(0, 6, 50)), np.sin(np.linspace(0, 6, 50))], 1) * 50
-    fig = viz.plot_paths(track, {"a": track[:10]})
+    fig = viz.plot_paths(track, {"a": track[:10]}, zoom=20.0)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["track", "a", "start"]
+    np.testing.assert_array_equal(np.column_stack(ax.lines[1].get_data()), track[:10])  # the path as given
+    np.testing.assert_array_equal(np.column_stack(ax.lines[2].get_data()), track[9:10])  # its end
+    start = track[0]
+    assert ax.get_xlim() == pytest.approx((start[0] - 20, start[0] + 20))  # zoomed on the start
+    assert ax.get_ylim() == pytest.approx((start[1] - 20, start[1] + 20))
     plt.close(fig)
 
 
@@ -164,6 +171,16 @@ def test_dream_rollout_and_temperature(vae, mdrnn):
     f2 = widgets.dream_frames(vae, mdrnn, np.zeros(8), a, tau=1.0, seed=3)
     assert f1.shape == (6, 64, 64, 3)
     assert np.array_equal(f1, f2)  # seeded
+
+    def spread(tau):
+        """How far two dreams of other seeds drift apart at temperature tau (mean pixel difference)."""
+        d1, d2 = (viz.dream_rollout(vae, mdrnn, np.zeros(8), a, tau=tau, seed=s).astype(int) for s in (3, 4))
+        assert np.array_equal(d1[0], f1[0])  # the first frame is z0's, at any temperature
+        return np.abs(d1 - d2).mean()
+
+    # A cold dream stays near M's most likely next z whatever the seed; a hot one wanders.
+    cold, warm, hot = spread(0.01), spread(0.5), spread(1.5)
+    assert cold < warm < hot and hot > 5 * cold
 
 
 def test_precomputed_dream(vae, mdrnn):

@@ -28,7 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from worldmodels.config import Config
-from worldmodels.runs import RunDir, as_run_dir, atomic_path, read_json
+from worldmodels.runs import (
+    ABLATIONS_FOLDER, BEST_WEIGHTS, DONE_FILE, HISTORY_FILE, METRICS_FILE, RESULTS_FILE, SELECTION_FILE, RunDir,
+    as_run_dir, atomic_path, read_json,
+)
 
 
 @dataclass(frozen=True)
@@ -52,17 +55,15 @@ ABLATIONS: dict[str, Ablation] = {
 }
 MAIN_ROW = Ablation("World Model, a = W [z, h] + b", {}, "906 ± 21")
 
-_SHARED_FILES = {
-    "vae": ("vae.safetensors", "done.json", "metrics.csv"),
-    "mdrnn": ("mdrnn.safetensors", "done.json", "metrics.csv"),
-}
+_SHARED_FILES = (DONE_FILE, METRICS_FILE)
+"""Besides the weights, what an ablation copies of the main run's finished V and M."""
 
 
 def ablation_dir(run: str | Path | RunDir, name: str) -> RunDir:
     """``RUN/ablations/NAME``; an unknown name raises ValueError listing the known ones."""
     if name not in ABLATIONS:
         raise ValueError(f"unknown ablation {name!r}: choose one of {', '.join(ABLATIONS)}")
-    return RunDir(as_run_dir(run).path / "ablations" / name)
+    return RunDir(as_run_dir(run).path / ABLATIONS_FOLDER / name)
 
 
 def ablation_config(cfg: Config, name: str) -> Config:
@@ -74,14 +75,14 @@ def ablation_config(cfg: Config, name: str) -> Config:
 
 def _share(main: RunDir, sub: RunDir, stage: str) -> None:
     """Copy the main run's finished stage (weights, done.json, metrics) into the ablation's run."""
-    src = main.path / stage
-    if not (src / "done.json").exists():
+    src = main.stage(stage)
+    if not (src / DONE_FILE).exists():
         raise FileNotFoundError(
-            f"{src / 'done.json'}: the main run's {stage} stage is not finished; train it first "
+            f"{src / DONE_FILE}: the main run's {stage} stage is not finished; train it first "
             f"(python -m worldmodels train-{'vae' if stage == 'vae' else 'mdrnn'} --run-dir {main.path})"
         )
     dst = sub.stage(stage)
-    for name in _SHARED_FILES[stage]:
+    for name in (BEST_WEIGHTS[stage], *_SHARED_FILES):
         if (src / name).exists() and not (dst / name).exists():
             with atomic_path(dst / name) as tmp:
                 shutil.copyfile(src / name, tmp)
@@ -93,12 +94,12 @@ def current_results(run: RunDir) -> dict[str, Any] | None:
     ``done.json`` or in ``history.csv``, which grows first when a run is continued)."""
     from worldmodels.evolution import read_history
 
-    results_path = run.path / "eval" / "results.json"
+    results_path = run.eval / RESULTS_FILE
     if not results_path.exists():
         return None
     results = read_json(results_path)
     evaluated = results.get("controller_generations")
-    done_path, history_path = run.path / "controller" / "done.json", run.path / "controller" / "history.csv"
+    done_path, history_path = run.controller / DONE_FILE, run.controller / HISTORY_FILE
     trained = [read_json(done_path)["generations"]] if done_path.exists() else []
     trained += [len(read_history(history_path))] if history_path.exists() else []
     if evaluated is not None and any(t != evaluated for t in trained):
@@ -158,7 +159,7 @@ def _row(name: str, ablation: Ablation, run: RunDir) -> dict[str, Any]:
     from worldmodels.evolution import read_history
 
     row: dict[str, Any] = {"name": name, "label": ablation.label, "paper": ablation.paper}
-    history_path = run.path / "controller" / "history.csv"
+    history_path = run.controller / HISTORY_FILE
     history = read_history(history_path) if history_path.exists() else None
     if history is not None:
         row["generations"] = len(history)
@@ -170,7 +171,7 @@ def _row(name: str, ablation: Ablation, run: RunDir) -> dict[str, Any]:
     if cfg is not None and history is not None:  # training, validation of the mean, final selection
         validations = sum(h["val_mean"] is not None for h in history)
         row["controller_episodes"] = len(history) * row["episodes_per_generation"] + validations * cfg.cma.eval_episodes
-        selection_path = run.path / "controller" / "selection.json"
+        selection_path = run.controller / SELECTION_FILE
         if selection_path.exists():
             selection = read_json(selection_path)
             row["controller_episodes"] += len(selection["candidates"]) * selection["selection_episodes"]
@@ -189,9 +190,9 @@ def table(run: str | Path | RunDir) -> list[dict[str, Any]]:
     main = as_run_dir(run)
     rows = [_row(MAIN, MAIN_ROW, main)]
     for name, ablation in ABLATIONS.items():
-        sub = main.path / "ablations" / name
-        if (sub / "config.json").exists():
-            rows.append(_row(name, ablation, RunDir(sub)))
+        sub = ablation_dir(main, name)
+        if sub.config_path.exists():
+            rows.append(_row(name, ablation, sub))
     return rows
 
 

@@ -24,10 +24,13 @@ from worldmodels.runs import (
     LAST_WEIGHTS,
     PREVIOUS_TRAIN_STATE,
     TRAIN_STATE,
+    DamagedFileError,
     RunDirError,
     atomic_path,
-    load_tensors,
+    load_train_state,
+    load_weights,
     save_tensors,
+    weights_metadata,
 )
 
 
@@ -79,10 +82,16 @@ class Checkpoint:
         """Load the last checkpoint, if there is one, and return where training stands."""
         if not self.weights_path.exists():
             return Progress()
+        try:
+            return self._resume(device)
+        except DamagedFileError as e:
+            raise DamagedFileError(f"{e}; delete {self.folder} to train from scratch") from e
+
+    def _resume(self, device: torch.device) -> Progress:
         step = saved_step(self.weights_path)
         for path in (self.state_path, self.folder / PREVIOUS_TRAIN_STATE):
             if path.exists():
-                state = _read(path, lambda p: torch.load(p, map_location="cpu", weights_only=True))
+                state = load_train_state(path)
                 progress = _read(path, lambda p: Progress(**state["progress"]))
                 if progress.step == step:
                     break
@@ -91,7 +100,7 @@ class Checkpoint:
                 f"{self.weights_path} (step {step}) has no matching training state ({self.state_path.name}); "
                 f"delete {self.folder} to train from scratch"
             )
-        _read(self.weights_path, lambda p: self.model.load_state_dict(load_tensors(p, device=str(device))))
+        load_weights(self.model, self.weights_path, device=str(device))
         _read(path, lambda p: self._restore(state))
         self.saved_step = step
         return progress
@@ -133,19 +142,15 @@ class Checkpoint:
 
 def saved_step(weights: Path) -> int:
     """The step at which the weights file `weights` was saved (from its metadata; -1 if it has none)."""
-    from safetensors import safe_open
-
-    def step(path: Path) -> int:
-        with safe_open(str(path), "pt") as f:
-            return int((f.metadata() or {}).get("step", -1))
-
-    return _read(weights, step)
+    return _read(weights, lambda p: int(weights_metadata(p).get("step", -1)))
 
 
 def _read(path: Path, read: Callable[[Path], Any]) -> Any:
-    """`read(path)`, with a damaged file reported in one line that names it."""
+    """`read(path)`, with a file whose contents are not what was saved reported in one line that names it."""
     try:
         return read(path)
+    except RunDirError:
+        raise
     except Exception as e:  # noqa: BLE001 - torch, pickle and safetensors raise many kinds
         reason = f"no {e}" if isinstance(e, KeyError) else (str(e).strip().splitlines() or [type(e).__name__])[0]
         reason = reason.split(". ")[0]  # torch's messages run on

@@ -9,14 +9,15 @@ meaning. Commands are added to :data:`COMMANDS`.
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Callable
 
 import tyro
 
-from worldmodels.config import SCALES, Config, ConfigError, preset
-from worldmodels.runs import RunDirError
+from worldmodels.config import SCALES, Config, ConfigError, preset, unchecked
+from worldmodels.runs import HISTORY_FILE, SELECTION_FILE, RunDir, RunDirError, read_json
 
 
 @dataclasses.dataclass
@@ -42,13 +43,11 @@ def run_collect(args: Collect) -> None:
     from worldmodels.data import collect
 
     files = collect(args.config, args.run_dir, quiet=args.quiet, workers=args.workers)
-    print(f"{len(files)} episodes in {args.run_dir / 'data'}")
+    print(f"{len(files)} episodes in {RunDir(args.run_dir).data}")
 
 
 def _run_config(args: Common) -> Config:
     """The run's recorded config when it has one (a finished run is evaluated as trained), else the CLI's."""
-    from worldmodels.runs import RunDir
-
     run = RunDir(args.run_dir)
     return run.load_config() or run.bind(args.config)
 
@@ -148,7 +147,7 @@ def run_encode(args: Encode) -> None:
     from worldmodels.train import encode
 
     files = encode(args.config, args.run_dir, quiet=args.quiet, batch_size=args.batch_size)
-    print(f"{len(files)} episodes encoded in {args.run_dir / 'latents'}")
+    print(f"{len(files)} episodes encoded in {RunDir(args.run_dir).latents}")
 
 
 @dataclasses.dataclass
@@ -192,17 +191,15 @@ def run_train_controller(args: TrainController) -> None:
 
     cfg = _controller_config(args, args.scheduler, args.workers)
     train_controller(cfg, args.run_dir, quiet=args.quiet, max_generations=args.max_generations)
-    out = args.run_dir / "controller"
-    history = read_history(out / "history.csv")
+    out = RunDir(args.run_dir).controller
+    history = read_history(out / HISTORY_FILE)
     validated = [r for r in history if r["val_mean"] is not None]
     line = f"{len(history)} generations in {out}"
     if validated:
         best = max(validated, key=lambda r: r["val_mean"])
         line += f"; best validation {best['val_mean']:.1f} +- {best['val_std']:.1f} at generation {int(best['generation'])}"
-    if (out / "selection.json").exists():
-        import json
-
-        selection = json.loads((out / "selection.json").read_text())
+    if (out / SELECTION_FILE).exists():
+        selection = read_json(out / SELECTION_FILE)
         chosen = next(c for c in selection["candidates"] if c["generation"] == selection["chosen_generation"])
         line += (f"; selected generation {chosen['generation']} ({chosen['combined_mean']:.1f} over "
                  f"{selection['validation_episodes'] + selection['selection_episodes']} validation tracks)")
@@ -293,7 +290,7 @@ def run_pipeline(args: Pipeline) -> None:
         try:
             stage()
         except _user_errors() as e:
-            sys.exit(f"error in {name}: {e}")
+            sys.exit(f"error in {name}: {_one_line(e)}")
 
 
 COMMANDS: dict[str, tuple[type[Common], Callable]] = {
@@ -321,10 +318,40 @@ def _scale_from_argv(argv: list[str]) -> str:
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    """Errors the user can act on, printed as one message without a traceback."""
+    """Errors the user can act on (a bad value, a missing or damaged file, a failed task), printed
+    as one line without a traceback."""
+    from worldmodels.data import EpisodeError
+    from worldmodels.parallel import TaskError
+    from worldmodels.pretrained import ChecksumError
     from worldmodels.train import TrainingError
 
-    return ConfigError, RunDirError, TrainingError, FileNotFoundError
+    return ConfigError, RunDirError, TrainingError, EpisodeError, ChecksumError, TaskError, FileNotFoundError
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
+
+
+def _config_fields() -> list[str]:
+    """Names of the config's fields: ``data.episodes``, ... for the sections', ``device``, ... for its own."""
+    cfg, names = Config(), []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        is_section = dataclasses.is_dataclass(value)
+        names += [f"{f.name}.{g.name}" for g in dataclasses.fields(value)] if is_section else [f.name]
+    return names
+
+
+def _with_flags(message: str) -> str:
+    """A config error's message with the fields it names written as the flags that set them:
+    ``data.episode_steps = 0 ...`` -> ``--data.episode-steps = 0 ...``."""
+    for name in sorted(_config_fields(), key=len, reverse=True):
+        flag = "--" + name.replace("_", "-")
+        if "." in name:
+            message = re.sub(rf"(?<![\w.-]){re.escape(name)}\b", flag, message)
+        elif re.match(rf"{re.escape(name)}\b", message):
+            message = flag + message[len(name):]
+    return message
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -338,22 +365,22 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: --scale {scale!r} is not a preset: choose one of {', '.join(SCALES)}")
     cfg = preset(scale)
     defaults = {name: cls(run_dir=tyro.MISSING, config=cfg, scale=scale) for name, (cls, _) in COMMANDS.items()}
-    try:
+    with unchecked():  # checked below, so that an error names the flag rather than tyro's internal field
         args = tyro.cli(
             tyro.extras.subcommand_type_from_defaults(defaults),
             args=argv,
             prog="python -m worldmodels",
             description="World Models on CarRacing-v3: collect, train V, M and C, evaluate.",
         )
+    try:
+        args.config = Config.from_dict(args.config.to_dict())
     except ConfigError as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {_with_flags(_one_line(e))}")
     name = next(n for n, (cls, _) in COMMANDS.items() if type(args) is cls)
     try:
         COMMANDS[name][1](args)
-    except Exception as e:
-        if not isinstance(e, _user_errors()):
-            raise
-        sys.exit(f"error: {e}")
+    except _user_errors() as e:
+        sys.exit(f"error: {_one_line(e)}")
 
 
 if __name__ == "__main__":

@@ -17,9 +17,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import tyro
 
@@ -89,6 +91,20 @@ def _check_choice(name: str, value: Any, choices: tuple) -> None:
         raise ConfigError(f"{name} = {value!r} is not allowed: choose one of {', '.join(map(repr, choices))}")
 
 
+_CHECKING: ContextVar[bool] = ContextVar("worldmodels_config_checking", default=True)
+
+
+@contextmanager
+def unchecked() -> Iterator[None]:
+    """Configs built inside the block skip their checks: the CLI parses the flags first, then
+    checks the whole config once, so that an error names the flag at fault."""
+    token = _CHECKING.set(False)
+    try:
+        yield
+    finally:
+        _CHECKING.reset(token)
+
+
 class _Section:
     """Validation on construction for every stage's dataclass."""
 
@@ -96,6 +112,8 @@ class _Section:
     _choices: dict[str, tuple] = {}
 
     def __post_init__(self) -> None:
+        if not _CHECKING.get():
+            return
         _check_fields(self, self._section)
         for name, choices in self._choices.items():
             _check_choice(f"{self._section}.{name}", getattr(self, name), choices)
@@ -297,6 +315,8 @@ class Config(_Section):
     _choices = {"scale": SCALES}
 
     def __post_init__(self) -> None:
+        if not _CHECKING.get():
+            return
         super().__post_init__()
         if self.mdrnn.seq_len >= self.data.episode_steps:
             raise ConfigError(
@@ -342,11 +362,16 @@ class Config(_Section):
 
     @classmethod
     def load(cls, path: str | Path) -> Config:
+        """The config in a JSON file; a damaged file or an invalid value raises ConfigError naming the file."""
         path = Path(path)
         try:
-            return cls.from_json(path.read_text())
-        except json.JSONDecodeError as e:
+            data = json.loads(path.read_bytes())
+        except ValueError as e:  # not JSON, or not text at all
             raise ConfigError(f"{path}: not valid JSON ({e})") from e
+        try:
+            return cls.from_dict(data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from e
 
     def replace(self, **overrides: Any) -> Config:
         """A copy with fields replaced; nested fields by dotted name or by section dict.

@@ -238,18 +238,15 @@ def save_controller(
 
 
 def load_controller(path: str | Path) -> SavedController:
-    """Read a file written by :func:`save_controller`."""
-    from safetensors import safe_open
+    """Read a file written by :func:`save_controller`; any other file raises DamagedFileError naming it."""
+    from worldmodels.runs import DamagedFileError, load_tensors, weights_metadata
 
-    from worldmodels.runs import load_tensors
-
-    params = load_tensors(path)["params"].double().numpy()
-    with safe_open(str(path), framework="pt") as f:
-        meta = dict(f.metadata() or {})
+    tensors, meta = load_tensors(path), weights_metadata(path)
     try:
+        params = tensors["params"].double().numpy()
         shape = ControllerShape(meta["kind"], int(meta["z_size"]), int(meta["hidden_size"]), int(meta["hidden_units"]))
     except KeyError as e:
-        raise ValueError(f"{path}: not a controller file (metadata lacks {e})") from e
+        raise DamagedFileError(f"{path}: not a controller file (it lacks {e})") from e
     if params.shape[0] != shape.n_params:
-        raise ValueError(f"{path}: {params.shape[0]} parameters, but {shape} needs {shape.n_params}")
+        raise DamagedFileError(f"{path}: {params.shape[0]} parameters, but {shape} needs {shape.n_params}")
     return SavedController(params, shape, meta)

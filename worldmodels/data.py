@@ -34,12 +34,10 @@ actions every step (which jitters in place) never reaches.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import sys
 import warnings
-import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,15 +49,11 @@ from tqdm.auto import tqdm
 
 from worldmodels.config import Config, DataConfig, EnvConfig
 from worldmodels.env import ACTION_HIGH, ACTION_LOW, make_env
-from worldmodels.runs import RunDir, as_run_dir, save_npz, write_json
+from worldmodels.runs import DONE_FILE, MANIFEST_FILE, RunDir, as_run_dir, open_npz, read_json, save_npz, write_json
 
 log = logging.getLogger(__name__)
 
 EPISODE_KEYS = ("obs", "action", "reward", "terminated", "truncated", "final_obs", "seed")
-
-
-_DAMAGED_NPZ = (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError)
-"""What numpy raises reading a truncated, corrupt or incomplete .npz file."""
 
 
 class EpisodeError(RuntimeError):
@@ -184,17 +178,13 @@ def load_episode(path: str | Path) -> Episode:
     """Read and check one episode file; a truncated or inconsistent file raises EpisodeError."""
     path = Path(path)
     try:
-        with np.load(path) as f:
+        with open_npz(path, "episode file", EpisodeError) as f:
             missing = [k for k in EPISODE_KEYS if k not in f.files]
             if missing:
                 raise EpisodeError(f"{path}: missing arrays {missing}")
             arrays = {k: f[k] for k in EPISODE_KEYS}
-    except EpisodeError:
-        raise
     except FileNotFoundError as e:
         raise EpisodeError(f"{path}: no such episode file") from e
-    except _DAMAGED_NPZ as e:
-        raise EpisodeError(f"{path}: corrupt or truncated episode file ({type(e).__name__}: {e})") from e
     t = len(arrays["action"])
     expected = {
         "obs": (t,), "action": (t, 3), "reward": (t,), "terminated": (t,), "truncated": (t,),
@@ -292,11 +282,8 @@ def _collect_group(env_cfg: EnvConfig, data_cfg: DataConfig, data_dir: str, indi
 
 def _record_from_file(path: Path) -> dict:
     """The manifest's record of an episode, reading only its small arrays (not the frames)."""
-    try:
-        with np.load(path) as f:
-            reward, terminated, seed = f["reward"], f["terminated"], int(f["seed"])
-    except _DAMAGED_NPZ as e:
-        raise EpisodeError(f"{path}: corrupt or truncated episode file ({type(e).__name__}: {e})") from e
+    with open_npz(path, "episode file", EpisodeError) as f:
+        reward, terminated, seed = f["reward"], f["terminated"], int(f["seed"])
     return {
         "index": episode_index(path),
         "file": path.name,
@@ -378,15 +365,15 @@ def write_manifest(cfg: Config, run: RunDir) -> dict:
         "seeds": [r["seed"] for r in records],
         "per_episode": records,
     }
-    write_json(run.data / "manifest.json", manifest)
+    write_json(run.data / MANIFEST_FILE, manifest)
     return manifest
 
 
 def read_manifest(run: str | Path | RunDir) -> dict:
-    path = as_run_dir(run).data / "manifest.json"
+    path = as_run_dir(run).data / MANIFEST_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path}: no manifest; collect the data first")
-    return json.loads(path.read_text())
+    return read_json(path)
 
 
 # --- a few episodes, with or without the dataset on disk ------------------------------------
@@ -403,7 +390,7 @@ def needs_dataset(run: str | Path | RunDir) -> bool:
     chapter that only looks at some episodes gets them from :func:`dataset_episodes`.
     """
     path = as_run_dir(run).path
-    return not all((path / stage / "done.json").exists() for stage in DATASET_STAGES)
+    return not all((path / stage / DONE_FILE).exists() for stage in DATASET_STAGES)
 
 
 def dataset_episodes(
@@ -431,7 +418,7 @@ def dataset_episodes(
             raise IndexError(f"episode {i} is not in the dataset of {cfg.data.episodes} episodes")
     found: dict[int, Episode] = {}
     for i in indices:
-        path = episode_path(run.path / "data", i)
+        path = episode_path(run.data, i)
         ep = load_or_skip(path, cfg.data.skip_corrupt) if path.exists() else None
         if ep is not None:
             found[i] = ep if steps is None else ep.head(steps)
@@ -535,10 +522,10 @@ class FrameDataset(torch.utils.data.IterableDataset):
             yield torch.from_numpy(carry)
 
     def num_frames(self) -> int:
-        """Frames per epoch (reads each file's header only)."""
+        """Frames per epoch (reads each file's actions only); a damaged file raises EpisodeError naming it."""
         total = 0
         for f in self.files:
-            with np.load(f) as z:
+            with open_npz(f, "episode file", EpisodeError) as z:
                 n = len(z["action"]) + 1
             total += min(n, self.frames_per_episode) if self.frames_per_episode else n
         return total
@@ -566,12 +553,10 @@ def save_latents(path: str | Path, mu: np.ndarray, logvar: np.ndarray, ep: Episo
 def load_latents(path: str | Path) -> dict[str, np.ndarray]:
     path = Path(path)
     try:
-        with np.load(path) as f:
+        with open_npz(path, "latent file", EpisodeError) as f:
             out = {k: f[k] for k in LATENT_KEYS}
     except FileNotFoundError as e:
         raise EpisodeError(f"{path}: no such latent file") from e
-    except _DAMAGED_NPZ as e:
-        raise EpisodeError(f"{path}: corrupt or truncated latent file ({type(e).__name__}: {e})") from e
     if out["mu"].shape != out["logvar"].shape or len(out["mu"]) != len(out["action"]) + 1:
         raise EpisodeError(f"{path}: mu {out['mu'].shape}, logvar {out['logvar'].shape}, action {out['action'].shape} disagree")
     return out

@@ -35,11 +35,14 @@ from torch import Tensor
 
 from worldmodels.config import CARRACING_MAX_STEPS, CMAConfig, Config
 from worldmodels.controller import BatchedController, ControllerShape, load_controller, save_controller
-from worldmodels.data import dataset_episodes
+from worldmodels.data import EpisodeError, dataset_episodes
 from worldmodels.evolution import Task, evolve, is_finished
 from worldmodels.mdrnn import MDRNN, sample_next_z
 from worldmodels.parallel import InlineExecutor, one_torch_thread
-from worldmodels.runs import RunDir, as_run_dir, load_mdrnn, load_vae, read_json, save_npz, write_json
+from worldmodels.runs import (
+    BEST_WEIGHTS, DONE_FILE, DREAM_STARTS, DREAM_SUMMARY, RunDir, as_run_dir, load_mdrnn, load_vae, open_npz, read_json,
+    save_npz, write_json,
+)
 from worldmodels.vae import frames_to_tensor
 
 INITIAL_FRAME = 50
@@ -141,7 +144,7 @@ def dream_rollout(
 # --------------------------------------------------------------------------------------
 # Initial latents from the run
 # --------------------------------------------------------------------------------------
-STARTS_FILE = "controller/dream_starts.npz"
+STARTS_FILE = f"controller/{DREAM_STARTS}"
 """Where a run without encoded episodes (a shipped one) keeps its dreams' start latents."""
 
 
@@ -156,18 +159,18 @@ def initial_latents(run: str | Path | RunDir, frame: int = INITIAL_FRAME) -> tup
     scale). Episodes shorter than `frame` contribute their last frame.
     """
     run = as_run_dir(run)
-    files = sorted((run.path / "latents").glob("*.npz"))
+    files = sorted(run.latents.glob("*.npz"))
     if files:
         mus, logvars = [], []
         for f in files:
-            with np.load(f) as d:
+            with open_npz(f, "latent file", EpisodeError) as d:
                 t = min(frame, len(d["mu"]) - 1)
                 mus.append(np.asarray(d["mu"][t], np.float32))
                 logvars.append(np.asarray(d["logvar"][t], np.float32))
         return np.stack(mus), np.stack(logvars)
-    starts = run.path / STARTS_FILE
+    starts = run.controller / DREAM_STARTS
     if starts.exists():
-        with np.load(starts) as d:
+        with open_npz(starts, "start latents file") as d:
             if int(d["frame"]) == frame:
                 return d["mu"].astype(np.float32), d["logvar"].astype(np.float32)
     return _encode_initial_frames(run, frame)
@@ -198,7 +201,7 @@ def save_initial_latents(run: str | Path | RunDir, path: str | Path | None = Non
     """
     run = as_run_dir(run)
     mu, logvar = initial_latents(run, frame)
-    path = Path(path) if path is not None else run.path / STARTS_FILE
+    path = Path(path) if path is not None else run.controller / DREAM_STARTS
     save_npz(path, mu=mu.astype(np.float16), logvar=logvar.astype(np.float16), frame=np.int64(frame))
     return path
 
@@ -302,14 +305,14 @@ def train_controller_in_dream(
     run.bind(cfg if recorded is None else cfg.replace(**{"dream.temperature": recorded.dream.temperature}))
     out = run.controller
     prefix = dream_prefix(tau)
-    summary_path = out / "dream.json"
+    summary_path = out / DREAM_SUMMARY
     summary = read_json(summary_path) if summary_path.exists() else {}
     key = f"{tau:g}"
 
     cma_cfg = dream_cma(cfg)
     if is_finished(out, cma_cfg, prefix):  # finished, perhaps shipped without its checkpoint: load
-        done = read_json(out / f"{prefix}done.json")
-        params = load_controller(out / f"{prefix}best.safetensors").params
+        done = read_json(out / f"{prefix}{DONE_FILE}")
+        params = load_controller(out / f"{prefix}{BEST_WEIGHTS['controller']}").params
         score, generation = done["best_score"], done["generations"]
     else:
         shape = ControllerShape.from_config(cfg)

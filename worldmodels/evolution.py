@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import pickle
 import time
@@ -27,7 +26,7 @@ from tqdm.auto import tqdm
 
 from worldmodels.config import CMA_VALIDATION_OFFSET, CMAConfig, Config, ConfigError
 from worldmodels.parallel import Executor, TaskFn, make_executor
-from worldmodels.runs import RunDir, as_run_dir, save_tensors, write_bytes, write_json
+from worldmodels.runs import RunDir, as_run_dir, read_json, read_pickle, reading, save_tensors, write_bytes, write_json
 
 VALIDATION_OFFSET = CMA_VALIDATION_OFFSET
 """Validation tracks use seeds ``cma.seed + 500_000 + i``; training tracks stay below them."""
@@ -222,7 +221,7 @@ def save_checkpoint(path: Path, state: EvolutionState) -> None:
 
 
 def load_checkpoint(path: Path) -> EvolutionState:
-    payload = pickle.loads(Path(path).read_bytes())
+    payload = read_pickle(path)
     if payload.get("version") != CHECKPOINT_VERSION:
         raise RuntimeError(f"{path}: checkpoint version {payload.get('version')}, expected {CHECKPOINT_VERSION}")
     state: EvolutionState = payload["state"]
@@ -247,7 +246,7 @@ def history_csv(history: list[dict]) -> str:
 
 def read_history(path: str | Path) -> list[dict]:
     """history.csv back as a list of dicts of floats (None where empty)."""
-    with open(path, newline="") as f:
+    with reading(path, "history file"), open(path, newline="") as f:
         return [{k: (float(v) if v != "" else None) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
@@ -441,7 +440,7 @@ def _finished_generations(done_path: Path) -> int | None:
     """Generations recorded in a ``done.json``, None when there is none."""
     if not done_path.exists():
         return None
-    return int(json.loads(done_path.read_text())["generations"])
+    return int(read_json(done_path)["generations"])
 
 
 def is_finished(folder: Path, cma_cfg: CMAConfig, prefix: str = "") -> bool:
@@ -452,7 +451,7 @@ def is_finished(folder: Path, cma_cfg: CMAConfig, prefix: str = "") -> bool:
         return False
     if cma_cfg.select_top:  # the final selection must have run on the last generation
         selection = folder / f"{prefix}selection.json"
-        return selection.exists() and json.loads(selection.read_text())["generation"] == done
+        return selection.exists() and read_json(selection)["generation"] == done
     return True
 
 

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from worldmodels.checkpoint import Checkpoint, Progress
-from worldmodels.runs import DONE_FILE, METRICS_FILE, atomic_path, write_json
+from worldmodels.runs import DONE_FILE, METRICS_FILE, atomic_path, reading, write_json
 
 
 CHECKPOINT_SECONDS = 600.0
@@ -229,7 +229,8 @@ class _MetricsCSV:
 
     def __init__(self, path: Path, parts: Sequence[str], keep_rows: int):
         self.columns = ["step", "epoch"] + [f"train_{k}" for k in parts] + [f"test_{k}" for k in parts] + ["lr", "seconds"]
-        lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+        with reading(path, "metrics file"):
+            lines = path.read_text().splitlines(keepends=True) if path.exists() else []
         kept = lines[1 : 1 + keep_rows]
         with atomic_path(path) as tmp:
             tmp.write_text(",".join(self.columns) + "\n" + "".join(kept))

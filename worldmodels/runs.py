@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
+import zipfile
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+import torch
 
 from worldmodels.config import Config, resolve_device
 from worldmodels.mdrnn import MDRNN
@@ -36,11 +40,56 @@ ES_CHECKPOINT = "es.pkl"  # controller/: the pickled CMA-ES (read only from the 
 HISTORY_FILE = "history.csv"  # controller/: one row per generation
 SELECTION_FILE = "selection.json"  # controller/: the final selection among the best generations
 DREAM_SUMMARY = "dream.json"  # controller/: the dream-trained controllers' record
+DREAM_STARTS = "dream_starts.npz"  # controller/: the dreams' start latents, for a run without its latents
 RESULTS_FILE = "results.json"  # eval/: the evaluation on the unseen tracks
+ABLATIONS_FOLDER = "ablations"  # one run directory per ablation: ablations/NAME/
 
 
 class RunDirError(RuntimeError):
     """A run directory that cannot be used as asked (for example, made with another config)."""
+
+
+class DamagedFileError(RunDirError):
+    """A file that is there but cannot be read: truncated, corrupt or not what its name says (the message names it)."""
+
+
+def _damaged_file_errors() -> tuple[type[Exception], ...]:
+    from safetensors import SafetensorError
+
+    return (
+        OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error, pickle.UnpicklingError, SafetensorError,
+    )
+
+
+@contextmanager
+def reading(
+    path: str | Path, what: str, error: type[Exception] = DamagedFileError, also: tuple[type[Exception], ...] = ()
+) -> Iterator[None]:
+    """Inside the block, what reading a damaged `path` raises (numpy's, safetensors', zip's, JSON's,
+    pickle's errors, and those in `also`) becomes `error` with a one-line message naming the file;
+    a missing file stays a FileNotFoundError."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except (*_damaged_file_errors(), *also) as e:
+        raise error(damaged_message(path, what, e)) from e
+
+
+@contextmanager
+def open_npz(path: str | Path, what: str, error: type[Exception] = DamagedFileError) -> Iterator[Any]:
+    """``np.load(path)`` of a .npz file, read inside :func:`reading`: a damaged file raises `error` naming it."""
+    with reading(path, what, error):
+        if Path(path).exists() and not zipfile.is_zipfile(path):  # else numpy takes it for a pickle
+            raise zipfile.BadZipFile("not a .npz (zip) archive")
+        with np.load(path) as f:
+            yield f
+
+
+def damaged_message(path: str | Path, what: str, cause: BaseException) -> str:
+    """``PATH: corrupt or truncated WHAT (Cause: its message on one line)``."""
+    detail = " ".join(str(cause).split())[:200]
+    return f"{path}: corrupt or truncated {what} ({type(cause).__name__}: {detail})"
 
 
 @contextmanager
@@ -75,11 +124,19 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 
 def read_json(path: str | Path) -> Any:
-    path = Path(path)
+    """The JSON object in `path`; a damaged file raises DamagedFileError naming it."""
+    with reading(path, "JSON file"):
+        return json.loads(Path(path).read_bytes())
+
+
+def read_pickle(path: str | Path) -> Any:
+    """The object pickled in `path`, a file the run wrote itself (never a shared one); a damaged
+    file raises DamagedFileError naming it."""
+    data = Path(path).read_bytes()
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise RunDirError(f"{path}: not valid JSON ({e})") from e
+        return pickle.loads(data)
+    except Exception as e:  # a damaged pickle can raise almost anything while it is rebuilt
+        raise DamagedFileError(damaged_message(path, "checkpoint", e)) from e
 
 
 def save_npz(path: str | Path, **arrays: np.ndarray) -> None:
@@ -98,13 +155,39 @@ def save_tensors(path: str | Path, tensors: dict, metadata: dict[str, str] | Non
 
 
 def load_tensors(path: str | Path, device: str = "cpu") -> dict:
-    """Tensors from a safetensors file (no pickle involved)."""
+    """Tensors from a safetensors file (no pickle involved); a damaged file raises DamagedFileError naming it."""
     from safetensors.torch import load_file
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such weights file")
-    return load_file(str(path), device=device)
+    with reading(path, "weights file"):
+        return load_file(str(path), device=device)
+
+
+def weights_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of a safetensors file (empty when it has none); a damaged file raises DamagedFileError naming it."""
+    from safetensors import safe_open
+
+    with reading(path, "weights file"), safe_open(str(path), "pt") as f:
+        return dict(f.metadata() or {})
+
+
+def load_train_state(path: str | Path) -> dict:
+    """A training state saved with ``torch.save`` by the run itself (optimiser, RNG, progress;
+    tensors only, no code); a damaged file raises DamagedFileError naming it."""
+    with reading(path, "training state", also=(RuntimeError,)):  # RuntimeError: torch's reader of a damaged archive
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_weights(model: torch.nn.Module, path: str | Path, device: str = "cpu") -> None:
+    """Load `path` into `model`; weights of another architecture raise DamagedFileError naming the file."""
+    tensors = load_tensors(path, device=device)
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as e:  # load_state_dict: missing, unexpected or misshapen tensors
+        raise DamagedFileError(f"{path}: weights of another architecture than the run's config.json describes "
+            f"({' '.join(str(e).split())[:200]})") from e
 
 
 class RunDir:
@@ -121,11 +204,10 @@ class RunDir:
         return self.path / CONFIG_FILE
 
     def stage(self, name: str) -> Path:
+        """The folder of stage `name` (not created: whatever writes there creates it)."""
         if name not in STAGES:
             raise ValueError(f"unknown stage {name!r}: one of {', '.join(STAGES)}")
-        d = self.path / name
-        d.mkdir(parents=True, exist_ok=True)
-        return d
+        return self.path / name
 
     data = property(lambda self: self.stage("data"))
     vae = property(lambda self: self.stage("vae"))
@@ -186,7 +268,7 @@ def _load_model(run: str | Path | RunDir, stage: str, which: str, device: Any, b
             f"{path}: no such weights file; train it first (python -m worldmodels {command} --run-dir {run.path})"
         )
     model = build(cfg)
-    model.load_state_dict(load_tensors(path, device=str(device)))
+    load_weights(model, path, device=str(device))
     return model.to(device).eval()
 
 

@@ -26,35 +26,39 @@ from typing import Any
 import numpy as np
 
 from worldmodels.config import Config
-from worldmodels.runs import RunDir, as_run_dir, load_tensors, save_tensors, write_bytes, write_json
+from worldmodels.runs import (
+    ABLATIONS_FOLDER, BEST_WEIGHTS, CONFIG_FILE, DONE_FILE, DREAM_SUMMARY, HISTORY_FILE, MANIFEST_FILE, METRICS_FILE,
+    RESULTS_FILE, SELECTION_FILE, RunDir, as_run_dir, load_tensors, read_json, reading, save_tensors, weights_metadata,
+    write_bytes, write_json,
+)
 
 ROOT = Path(__file__).resolve().parent
-MANIFEST = "manifest.json"
+MANIFEST = MANIFEST_FILE
+"""In a shipped run's folder: the SHA-256 of each of its files."""
 
-WEIGHTS = ("vae/vae.safetensors", "mdrnn/mdrnn.safetensors", "controller/best.safetensors")
+CONTROLLER = f"controller/{BEST_WEIGHTS['controller']}"
+RESULTS = f"eval/{RESULTS_FILE}"
+WEIGHTS = (f"vae/{BEST_WEIGHTS['vae']}", f"mdrnn/{BEST_WEIGHTS['mdrnn']}", CONTROLLER)
 """Weight files of a shipped run."""
-HALF = {"vae/vae.safetensors": ("fc_decode.", "decoder.")}
+HALF = {WEIGHTS[0]: ("fc_decode.", "decoder.")}
 """Tensors stored in float16 by :func:`export` when ``half`` is set: V's decoder only, which
 draws pictures and never drives. Everything the agent drives with (V's encoder, M, C) stays
 float32, so the shipped agent drives exactly like the run's and its evaluation returns the
 run's own, track for track. Rounding those weights to float16 makes another agent: a change
 in the last bits of an action sends CarRacing's car down another trajectory."""
 RECORDS = (
-    "config.json",
-    "data/manifest.json",
-    "vae/done.json",
-    "vae/metrics.csv",
-    "mdrnn/done.json",
-    "mdrnn/metrics.csv",
-    "controller/done.json",
-    "controller/history.csv",
-    "controller/selection.json",
-    "controller/dream.json",
-    "controller/dream_tau*_best.safetensors",
-    "controller/dream_tau*_done.json",
-    "controller/dream_tau*_history.csv",
-    "controller/dream_tau*_selection.json",
-    "eval/results.json",
+    CONFIG_FILE,
+    f"data/{MANIFEST_FILE}",
+    f"vae/{DONE_FILE}",
+    f"vae/{METRICS_FILE}",
+    f"mdrnn/{DONE_FILE}",
+    f"mdrnn/{METRICS_FILE}",
+    f"controller/{DONE_FILE}",
+    f"controller/{HISTORY_FILE}",
+    f"controller/{SELECTION_FILE}",
+    f"controller/{DREAM_SUMMARY}",
+    *(f"controller/dream_tau*_{f}" for f in (BEST_WEIGHTS["controller"], DONE_FILE, HISTORY_FILE, SELECTION_FILE)),
+    RESULTS,
 )
 """Small files copied as they are (glob patterns: every match); those a run does not have are left out.
 
@@ -64,12 +68,12 @@ finished dream run only loads, see :func:`worldmodels.dream.train_controller_in_
 
 
 ABLATION_FILES = (
-    "config.json",
-    "controller/best.safetensors",
-    "controller/done.json",
-    "controller/history.csv",
-    "controller/selection.json",
-    "eval/results.json",
+    CONFIG_FILE,
+    CONTROLLER,
+    f"controller/{DONE_FILE}",
+    f"controller/{HISTORY_FILE}",
+    f"controller/{SELECTION_FILE}",
+    RESULTS,
 )
 """Files of each finished (evaluated) ablation run (``ablations/NAME/``, see
 :mod:`worldmodels.ablations`) shipped with the run: its config, controller, CMA-ES history,
@@ -117,14 +121,22 @@ def verify(name: str, root: Path = ROOT) -> Path:
         raise FileNotFoundError(
             f"{manifest_path}: no shipped run {name!r}; available: {', '.join(available(root)) or 'none'}"
         )
-    manifest = json.loads(manifest_path.read_text())
-    for rel, expected in manifest["sha256"].items():
+    for rel, expected in _checksums(manifest_path).items():
         path = folder / rel
         if not path.exists():
             raise ChecksumError(f"{path}: listed in {manifest_path} but missing")
         if _sha256(path) != expected:
             raise ChecksumError(f"{path}: SHA-256 differs from {manifest_path}; the file is damaged or was changed")
     return folder
+
+
+def _checksums(manifest_path: Path) -> dict[str, str]:
+    """A shipped run's manifest: file -> SHA-256; a damaged manifest raises ChecksumError naming it."""
+    with reading(manifest_path, "manifest", ChecksumError):
+        checksums = read_json(manifest_path)["sha256"]
+        if not isinstance(checksums, dict):
+            raise ValueError(f"sha256 is a {type(checksums).__name__}, not an object")
+        return checksums
 
 
 def load(name: str = "book", device: str = "cpu", root: Path = ROOT) -> Pretrained:
@@ -140,9 +152,9 @@ def load(name: str = "book", device: str = "cpu", root: Path = ROOT) -> Pretrain
         agent.vae.to(device)
         if agent.mdrnn is not None:
             agent.mdrnn.to(device)
-    params = load_controller(folder / "controller" / "best.safetensors").params
-    results_path = folder / "eval" / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.exists() else None
+    params = load_controller(folder / CONTROLLER).params
+    results_path = folder / RESULTS
+    results = read_json(results_path) if results_path.exists() else None
     return Pretrained(name, folder, config, agent, params, results)
 
 
@@ -150,7 +162,7 @@ def install(name: str, run: str | Path | RunDir, root: Path = ROOT) -> RunDir:
     """Copy shipped run `name` into a run directory (checksums checked), keeping what is there."""
     folder = verify(name, root)
     run = as_run_dir(run)
-    for rel in json.loads((folder / MANIFEST).read_text())["sha256"]:  # the files verify() checked
+    for rel in _checksums(folder / MANIFEST):  # the files verify() checked
         dst = run.path / rel
         if not dst.exists():
             write_bytes(dst, (folder / rel).read_bytes())
@@ -189,13 +201,13 @@ def export(
         tensors = load_tensors(run.path / rel)
         if half and rel in HALF:
             tensors = {k: v.half() if k.startswith(HALF[rel]) and v.is_floating_point() else v for k, v in tensors.items()}
-        metadata = _metadata(run.path / rel)
+        metadata = weights_metadata(run.path / rel)
         save_tensors(folder / rel, tensors, metadata)
         if rel in previous and _same_safetensors(previous[rel], (folder / rel).read_bytes()):
             write_bytes(folder / rel, previous[rel])  # keep the bytes: safetensors orders metadata at random
         files.append(rel)
     ablations = sorted(  # the finished ones: evaluated
-        p.parents[1].relative_to(run.path).as_posix() for p in run.path.glob("ablations/*/eval/results.json")
+        p.parents[1].relative_to(run.path).as_posix() for p in run.path.glob(f"{ABLATIONS_FOLDER}/*/{RESULTS}")
     )
     patterns = [*RECORDS, *(f"{a}/{f}" for a in ablations for f in ABLATION_FILES)]
     for pattern in patterns:
@@ -206,9 +218,9 @@ def export(
     save_initial_latents(run, folder / STARTS_FILE)
     files.append(STARTS_FILE)
     if evaluate:
-        _evaluate_shipped(folder, run.path / "eval" / "results.json")
-        if "eval/results.json" not in files:  # the run had no evaluation of its own
-            files.append("eval/results.json")
+        _evaluate_shipped(folder, run.path / RESULTS)
+        if RESULTS not in files:  # the run had no evaluation of its own
+            files.append(RESULTS)
     write_json(folder / MANIFEST, {"name": name, "sha256": {rel: _sha256(folder / rel) for rel in files}})
     return folder
 
@@ -220,28 +232,21 @@ def _evaluate_shipped(folder: Path, run_results: Path) -> None:
     from worldmodels.rollout import evaluate_run
 
     shipped = evaluate_run(folder)
-    own = json.loads(run_results.read_text()) if run_results.exists() else {}
+    own = read_json(run_results) if run_results.exists() else {}
     same_protocol = own.get("seeds") == shipped["seeds"] and own.get("max_steps") == shipped["max_steps"]
     if same_protocol and own.get("returns") != shipped["returns"]:
         raise ValueError(
-            f"{folder / 'eval' / 'results.json'}: the shipped weights score {shipped['mean']:.1f} on the tracks "
+            f"{folder / RESULTS}: the shipped weights score {shipped['mean']:.1f} on the tracks "
             f"where {run_results} has {own['mean']:.1f}; they do not drive like the run's (see HALF)"
         )
     results = {**shipped, **own} if same_protocol else shipped
-    write_json(folder / "eval" / "results.json", {**results, "controller": "controller/best.safetensors"})
+    write_json(folder / RESULTS, {**results, "controller": CONTROLLER})
 
 
 def _same_safetensors(a: bytes, b: bytes) -> bool:
     """Whether two safetensors files hold the same header (as JSON, in any key order) and data."""
     n, m = int.from_bytes(a[:8], "little"), int.from_bytes(b[:8], "little")
     return json.loads(a[8 : 8 + n]) == json.loads(b[8 : 8 + m]) and a[8 + n :] == b[8 + m :]
-
-
-def _metadata(path: Path) -> dict[str, str] | None:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        return f.metadata()
 
 
 __all__ = ["ABLATION_FILES", "ChecksumError", "Pretrained", "available", "export", "install", "load", "verify"]
