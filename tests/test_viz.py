@@ -165,7 +165,7 @@ def test_traversal_widget_sliders_change_the_decoded_image(vae):
     assert box.sliders[0].value == pytest.approx(float(np.clip(mu[0], -3, 3)), abs=1e-6)
 
 
-def test_dream_rollout_and_temperature(vae, mdrnn):
+def test_dream_frames_and_temperature(vae, mdrnn):
     a = np.tile([0.0, 0.5, 0.0], (5, 1))
     f1 = widgets.dream_frames(vae, mdrnn, np.zeros(8), a, tau=1.0, seed=3)
     f2 = widgets.dream_frames(vae, mdrnn, np.zeros(8), a, tau=1.0, seed=3)
@@ -174,7 +174,7 @@ def test_dream_rollout_and_temperature(vae, mdrnn):
 
     def spread(tau):
         """How far two dreams of other seeds drift apart at temperature tau (mean pixel difference)."""
-        d1, d2 = (viz.dream_rollout(vae, mdrnn, np.zeros(8), a, tau=tau, seed=s).astype(int) for s in (3, 4))
+        d1, d2 = (widgets.dream_frames(vae, mdrnn, np.zeros(8), a, tau=tau, seed=s).astype(int) for s in (3, 4))
         assert np.array_equal(d1[0], f1[0])  # the first frame is z0's, at any temperature
         return np.abs(d1 - d2).mean()
 
