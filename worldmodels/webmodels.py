@@ -19,6 +19,7 @@ real frame's code to start from and the range of each dimension's sliders.
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,7 +143,7 @@ class WebModels:
 
     def size_bytes(self) -> int:
         """The bytes a page downloads for both models and their metadata."""
-        return sum((self.folder / f).stat().st_size for f in (DECODER_FILE, DREAM_STEP_FILE, META_FILE))
+        return sum((self.folder / f).stat().st_size for f in (DECODER_FILE, DREAM_STEP_FILE, META_FILE) if (self.folder / f).exists())
 
 
 def used_dimensions(mu: Tensor, logvar: Tensor, threshold: float = 0.1) -> list[int]:
@@ -154,7 +155,7 @@ def used_dimensions(mu: Tensor, logvar: Tensor, threshold: float = 0.1) -> list[
 @torch.no_grad()
 def export_web_models(
     vae: VAE,
-    mdrnn: MDRNN,
+    mdrnn: MDRNN | None,
     mu: np.ndarray,
     logvar: np.ndarray,
     folder: str | Path,
@@ -162,6 +163,8 @@ def export_web_models(
     kl_threshold: float = 0.1,
 ) -> WebModels:
     """Write V's decoder and M's dream step as ONNX (float16 weights) and ``web_models.json`` to `folder`.
+
+    Without `mdrnn` only the decoder is written (for the latent explorer).
 
     ``mu`` and ``logvar`` (N, Z) are V's posteriors of real frames: they give the KL per
     dimension (the dimensions used are those above `kl_threshold` nats), each dimension's
@@ -175,30 +178,32 @@ def export_web_models(
         raise ValueError(f"start must be in [0, {len(mu_t)}), got {start}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    vae, mdrnn = vae.float().cpu().eval(), mdrnn.float().cpu().eval()
-    z_size, hidden = vae.z_size, mdrnn.hidden_size
+    vae = copy.deepcopy(vae).float().cpu().eval()
+    z_size = vae.z_size
     _export(WebDecoder(vae), (torch.zeros(1, z_size),), folder / DECODER_FILE, ["z"], ["frame"], {"z": {0: "n"}, "frame": {0: "n"}})
-    z, h = torch.zeros(1, z_size), torch.zeros(1, hidden)
-    args = (z, torch.zeros(1, 3), h, h, torch.ones(1), torch.full((1, z_size), 0.5), z)
-    names = ["z", "action", "h", "c", "tau", "u", "eps"]
-    outputs = ["z_next", "h_next", "c_next", "reward", "done"]
-    dynamic = {n: {0: "batch"} for n in names + outputs if n != "tau"}
-    _export(WebDreamStep(mdrnn), args, folder / DREAM_STEP_FILE, names, outputs, dynamic)
+    if mdrnn is not None:
+        mdrnn = copy.deepcopy(mdrnn).float().cpu().eval()
+        z, h = torch.zeros(1, z_size), torch.zeros(1, mdrnn.hidden_size)
+        args = (z, torch.zeros(1, 3), h, h, torch.ones(1), torch.full((1, z_size), 0.5), z)
+        names = ["z", "action", "h", "c", "tau", "u", "eps"]
+        outputs = ["z_next", "h_next", "c_next", "reward", "done"]
+        dynamic = {n: {0: "batch"} for n in names + outputs if n != "tau"}
+        _export(WebDreamStep(mdrnn), args, folder / DREAM_STEP_FILE, names, outputs, dynamic)
     kl = kl_per_dimension(mu_t, logvar_t)
     spread = mu_t.std(0)
     centre = mu_t.mean(0)
     meta = {
         "z_size": z_size,
-        "hidden_size": hidden,
-        "n_gaussians": mdrnn.n_gaussians,
+        "hidden_size": mdrnn.hidden_size if mdrnn is not None else None,
+        "n_gaussians": mdrnn.n_gaussians if mdrnn is not None else None,
         "kl_threshold": kl_threshold,
         "kl": [round(float(x), 4) for x in kl],
         "dims": used_dimensions(mu_t, logvar_t, kl_threshold),
         "low": [round(float(min(-3.0, m - 3 * s)), 3) for m, s in zip(centre, spread)],
         "high": [round(float(max(3.0, m + 3 * s)), 3) for m, s in zip(centre, spread)],
         "z_start": [float(x) for x in mu_t[start]],
-        "reward_head": mdrnn.reward_head is not None,
-        "done_head": mdrnn.done_head is not None,
+        "reward_head": mdrnn is not None and mdrnn.reward_head is not None,
+        "done_head": mdrnn is not None and mdrnn.done_head is not None,
     }
     write_json(folder / META_FILE, meta)
     return WebModels(folder, json.loads((folder / META_FILE).read_text()))
