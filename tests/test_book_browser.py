@@ -343,7 +343,11 @@ def _record_times(page, name: str) -> None:
         return
     import statistics
 
-    summary = {k: {"n": len(v), "median_ms": round(statistics.median(v), 2), "max_ms": round(max(v), 2)} for k, v in times.items() if v}
+    summary = {
+        k: {"n": len(v), "first_ms": round(v[0], 2), "median_ms": round(statistics.median(v[1:] or v), 2),
+            "p90_ms": round(statistics.quantiles(v[1:], n=10)[-1], 2) if len(v) > 2 else None, "max_ms": round(max(v), 2)}
+        for k, v in times.items() if v
+    }
     print(f"{name}: {summary}")
     recorded = json.loads(TIMES.read_text()) if TIMES.exists() else {}
     recorded[name] = summary

@@ -46,7 +46,7 @@ def _answers(widget, name):
 
 def test_dream_driver_state(dream, posteriors):
     assert dream.kind == "dream" and dream.component == webwidgets.COMPONENT
-    assert dream.actions == {k: list(v) for k, v in ACTIONS.items()}
+    assert dream.actions == [[k, list(v)] for k, v in ACTIONS.items()]
     assert dream.meta["dims"] == [0, 1, 2, 3, 4]
     assert dream.meta["z_start"] == [float(x) for x in posteriors[0][2]]
     assert dream.picture.startswith(b"\x89PNG")

@@ -140,7 +140,7 @@ function latentExplorer(ort, meta, decoder, model, el) {
 }
 
 function dreamDriver(ort, meta, decoder, step, model, el) {
-  const actions = model.get("actions");
+  const actions = Object.fromEntries(model.get("actions"));
   const Z = meta.z_size;
   const H = meta.hidden_size;
   const frame = canvas(model.get("scale"));

@@ -26,16 +26,7 @@ COMPONENT = "worldmodels.webwidgets"
 """The value of every web widget's ``component`` trait: how the book's build recognises them."""
 ESM = Path(__file__).with_name("webwidgets.js")
 
-_CSS = """
-.wm-web { display: flex; flex-direction: column; gap: 0.4em; outline: none; }
-.wm-web-row { display: flex; gap: 1em; align-items: flex-start; flex-wrap: wrap; }
-.wm-web-frame { image-rendering: pixelated; border: 1px solid #8884; }
-.wm-web-sliders { display: grid; grid-template-columns: repeat(auto-fill, minmax(15em, 1fr)); gap: 0.1em 1em; }
-.wm-web-slider { display: flex; gap: 0.5em; align-items: center; font-family: monospace; }
-.wm-web-slider input { flex: 1; min-width: 6em; }
-.wm-web-buttons { display: flex; gap: 0.3em; flex-wrap: wrap; }
-.wm-web-note { font-size: 0.9em; font-style: italic; margin: 0; }
-"""
+CSS = Path(__file__).with_name("webwidgets.css")
 
 
 class WebWidget(anywidget.AnyWidget):
@@ -47,13 +38,14 @@ class WebWidget(anywidget.AnyWidget):
     """
 
     _esm = ESM
-    _css = _CSS
+    _css = CSS
     component = traitlets.Unicode(COMPONENT).tag(sync=True)
     kind = traitlets.Enum(["latent", "dream"], default_value="latent").tag(sync=True)
     scale = traitlets.Int(4).tag(sync=True)
     tau = traitlets.Float(1.0).tag(sync=True)
     seed = traitlets.Int(0).tag(sync=True)
-    actions = traitlets.Dict().tag(sync=True)
+    actions = traitlets.List().tag(sync=True)
+    """The dream's actions, in the order of their buttons: [name, [steer, gas, brake]] each."""
     meta = traitlets.Dict().tag(sync=True)
     """``web_models.json`` of the models (:func:`worldmodels.webmodels.export_web_models`)."""
     picture = traitlets.Bytes().tag(sync=True)
@@ -102,11 +94,11 @@ def dream_driver(
     seed: int = 0,
     actions: Mapping[str, Sequence[float]] | None = None,
 ) -> WebWidget:
-    """Drive in M's dream from frame `start`'s code: each action (default :data:`worldmodels.widgets.ACTIONS`)
+    """Drive in M's dream from frame `start`'s code: each action (default ``worldmodels.widgets.ACTIONS``)
     is one step of M at temperature `tau` (a slider in the page), with M's predicted reward."""
     if mdrnn is None:
         raise ValueError("dream_driver needs M (mdrnn), got None")
     assets, meta = _assets(vae, mdrnn, mu, logvar, start)
     picture = png_bytes(decode(vae, np.asarray(meta["z_start"], np.float32)[None])[0], scale)
-    actions = {k: [float(x) for x in v] for k, v in (actions or ACTIONS).items()}
+    actions = [[k, [float(x) for x in v]] for k, v in (actions or ACTIONS).items()]
     return WebWidget(assets, kind="dream", scale=scale, tau=tau, seed=seed, actions=actions, picture=picture, meta=meta)

@@ -48,6 +48,8 @@ WEB_MODELS = "webmodels"
 """Folder under ``_static`` where the build writes the ONNX models of the web widgets."""
 WEB_WIDGETS_JS = "wm-webwidgets.js"
 """Name under ``_static`` of ``worldmodels/webwidgets.js``, the web widgets' module."""
+WEB_WIDGETS_CSS = "wm-webwidgets.css"
+"""Name under ``_static`` of ``worldmodels/webwidgets.css``, their style."""
 
 _SKIP = shutil.ignore_patterns("*.map", "embed.js", "libembed-amd.js", "*.LICENSE.txt", "bin", "*.md")
 
@@ -267,10 +269,11 @@ def write_web_models(app, exception) -> None:
 
     import worldmodels
     from worldmodels.webmodels import export_web_models
-    from worldmodels.webwidgets import ESM
+    from worldmodels.webwidgets import CSS, ESM
 
     static = Path(app.outdir) / "_static"
     shutil.copy2(ESM, static / WEB_WIDGETS_JS)
+    shutil.copy2(CSS, static / WEB_WIDGETS_CSS)
     book = worldmodels.pretrained.load("book")
     starts = np.load(book.path / "controller" / "dream_starts.npz")
     exported = export_web_models(book.agent.vae, book.agent.mdrnn, starts["mu"], starts["logvar"], static / WEB_MODELS)
@@ -307,6 +310,7 @@ def setup(app):
     app.add_js_file("wm-widgets.js", priority=100)
     app.add_js_file("wm-web.js")
     app.add_css_file("wm-widgets.css")
+    app.add_css_file(WEB_WIDGETS_CSS)
     app.connect("doctree-resolved", replace_widget_views)
     app.connect("html-page-context", write_scripts_once, priority=900)
     # before myst-nb writes the page's widget state (priority 500)
