@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import worldmodels as wm
+from worldmodels.controller import Controller
 from worldmodels.mdrnn import MDRNN
 from worldmodels.webmodels import DECODER_FILE, META_FILE, export_web_models, sample_from_noise, used_dimensions
 
@@ -27,8 +28,13 @@ def starts(book):
 
 
 @pytest.fixture(scope="module")
-def exported(book, starts, tmp_path_factory):
-    return export_web_models(book.agent.vae, book.agent.mdrnn, *starts, tmp_path_factory.mktemp("web"), start=3)
+def controller(book):
+    return Controller.from_flat(book.params, "zh", 32, book.agent.mdrnn.hidden_size)
+
+
+@pytest.fixture(scope="module")
+def exported(book, starts, controller, tmp_path_factory):
+    return export_web_models(book.agent.vae, book.agent.mdrnn, *starts, tmp_path_factory.mktemp("web"), start=3, controller=controller)
 
 
 def _session(path):
@@ -57,25 +63,29 @@ def test_decoder_matches_pytorch_within_one_level_per_pixel(book, exported):
     assert np.abs(pixels(got) - pixels(expected)).max() <= 1
 
 
-def test_dream_step_matches_pytorch(book, exported):
+def test_dream_step_matches_pytorch(book, controller, exported):
     g = torch.Generator().manual_seed(1)
     b, z_size, hidden = 16, 32, book.agent.mdrnn.hidden_size
     z, a = torch.randn(b, z_size, generator=g), torch.rand(b, 3, generator=g) * 2 - 1
     h, c = torch.randn(b, hidden, generator=g) * 0.3, torch.randn(b, hidden, generator=g) * 0.3
     u, eps = torch.rand(b, z_size, generator=g), torch.randn(b, z_size, generator=g)
     tau = torch.tensor([1.15])
-    feeds = dict(z=z, action=a, h=h, c=c, tau=tau, u=u, eps=eps)
-    got = _session(exported.dream_step).run(None, {k: v.numpy() for k, v in feeds.items()})
-    largest = {}
-    for name, mdrnn in (("float16 weights", _half(book.agent.mdrnn)), ("float32 weights", book.agent.mdrnn)):
-        with torch.no_grad():
-            out, (h1, c1) = mdrnn.step(z, a, (h, c))
-            z1 = sample_from_noise(out.logpi, out.mu, out.logsigma, tau, u, eps)
-        expected = [z1, h1, c1, out.reward, torch.sigmoid(out.done_logit)]
-        largest[name] = max(float(np.abs(x - y.numpy()).max()) for x, y in zip(got, expected))
-    print(f"dream step: largest absolute difference {largest}")
-    assert largest["float16 weights"] < 1e-4
-    assert [x.shape for x in got] == [(b, z_size), (b, hidden), (b, hidden), (b,), (b,)]
+    session = _session(exported.dream_step)
+    for autopilot in (0.0, 1.0):
+        feeds = dict(z=z, action=a, h=h, c=c, tau=tau, u=u, eps=eps, autopilot=torch.tensor([autopilot]))
+        got = session.run(None, {k: v.numpy() for k, v in feeds.items()})
+        largest = {}
+        for name, mdrnn, ctrl in (("float16 weights", _half(book.agent.mdrnn), _half(controller)), ("float32 weights", book.agent.mdrnn, controller)):
+            with torch.no_grad():
+                action = ctrl(z, h) if autopilot else a
+                out, (h1, c1) = mdrnn.step(z, action, (h, c))
+                z1 = sample_from_noise(out.logpi, out.mu, out.logsigma, tau, u, eps)
+            expected = [z1, h1, c1, out.reward, torch.sigmoid(out.done_logit), action]
+            largest[name] = max(float(np.abs(x - y.numpy()).max()) for x, y in zip(got, expected))
+        print(f"dream step (autopilot {autopilot:g}): largest absolute difference {largest}")
+        assert largest["float16 weights"] < 1e-4
+        assert [x.shape for x in got] == [(b, z_size), (b, hidden), (b, hidden), (b,), (b,), (b, 3)]
+    assert [i.name for i in session.get_inputs()][-1] == "autopilot"
 
 
 def test_sample_from_noise_inverts_the_mixture_weights():

@@ -60,6 +60,18 @@ def test_widget_sends_the_models_it_is_asked_for(dream):
     assert content["error"] == "no asset 'vae.pt'; this widget has ['decoder.onnx', 'dream_step.onnx']" and buffers == []
 
 
+def test_dream_driver_lets_c_drive_when_given_one(posteriors):
+    import onnxruntime as ort
+
+    from worldmodels.controller import Controller
+
+    w = webwidgets.dream_driver(VAE(z_size=8).eval(), MDRNN(z_size=8, hidden_size=16).eval(), *posteriors,
+                                controller=Controller("zh", 8, 16))
+    assert w.meta["controller"] is True
+    inputs = [i.name for i in ort.InferenceSession(w.assets["dream_step.onnx"]).get_inputs()]
+    assert inputs == ["z", "action", "h", "c", "tau", "u", "eps", "autopilot"]
+
+
 def test_latent_explorer_has_only_the_decoder(posteriors):
     w = webwidgets.latent_explorer(VAE(z_size=8).eval(), *posteriors)
     assert w.kind == "latent" and sorted(w.assets) == ["decoder.onnx"]

@@ -9,7 +9,9 @@ Two graphs, written by :func:`export_web_models` into one folder next to the boo
   dimension's component by inverting the mixture's cumulative weights, ``eps`` standard
   normal), so the browser draws them and the graph itself is deterministic. Outputs the
   next ``z``, the new ``(h, c)`` and M's predicted reward and probability that the episode
-  ends (zeros where M has no such head).
+  ends (zeros where M has no such head). Exported with a controller C, it also takes
+  ``autopilot`` (1,): at 1 the step drives with C's action ``C(z, h)`` instead of ``action``,
+  and it outputs the action taken (``action_taken``, (B, 3)).
 
 Their weights are stored as float16 (each cast back to float32 inside the graph, so the
 arithmetic stays float32), and ``web_models.json`` tells the page what it needs: the
@@ -55,20 +57,26 @@ class WebDreamStep(nn.Module):
 
     ``forward(z, action, h, c, tau, u, eps)`` with ``z``, ``u``, ``eps`` (B, Z), ``action``
     (B, 3), ``h``, ``c`` (B, H) and ``tau`` (1,) returns ``(z_next, h, c, reward, done)``,
-    the last two (B,).
+    the last two (B,). With a `controller` it takes ``autopilot`` (1,) too and also returns
+    the action taken, ``action + autopilot * (controller(z, h) - action)``.
     """
 
-    def __init__(self, mdrnn: MDRNN):
+    def __init__(self, mdrnn: MDRNN, controller: nn.Module | None = None):
         super().__init__()
         self.mdrnn = mdrnn
+        self.controller = controller
 
-    def forward(self, z: Tensor, action: Tensor, h: Tensor, c: Tensor, tau: Tensor, u: Tensor, eps: Tensor):
-        out, (h, c) = self.mdrnn.step(z, action, (h, c))
+    def forward(self, z: Tensor, action: Tensor, h: Tensor, c: Tensor, tau: Tensor, u: Tensor, eps: Tensor, autopilot: Tensor | None = None):
+        if self.controller is not None:
+            action = action + autopilot * (self.controller(z, h) - action)
+        out, (h_next, c_next) = self.mdrnn.step(z, action, (h, c))
         z_next = sample_from_noise(out.logpi, out.mu, out.logsigma, tau, u, eps)
         zeros = torch.zeros_like(h[:, 0])
         reward = out.reward if out.reward is not None else zeros
         done = torch.sigmoid(out.done_logit) if out.done_logit is not None else zeros
-        return z_next, h, c, reward, done
+        if self.controller is not None:
+            return z_next, h_next, c_next, reward, done, action
+        return z_next, h_next, c_next, reward, done
 
 
 def sample_from_noise(logpi: Tensor, mu: Tensor, logsigma: Tensor, tau: Tensor, u: Tensor, eps: Tensor) -> Tensor:
@@ -161,10 +169,12 @@ def export_web_models(
     folder: str | Path,
     start: int = 0,
     kl_threshold: float = 0.1,
+    controller: nn.Module | None = None,
 ) -> WebModels:
     """Write V's decoder and M's dream step as ONNX (float16 weights) and ``web_models.json`` to `folder`.
 
-    Without `mdrnn` only the decoder is written (for the latent explorer).
+    Without `mdrnn` only the decoder is written (for the latent explorer). With a
+    `controller` (:class:`worldmodels.controller.Controller`), the dream step can let it drive.
 
     ``mu`` and ``logvar`` (N, Z) are V's posteriors of real frames: they give the KL per
     dimension (the dimensions used are those above `kl_threshold` nats), each dimension's
@@ -187,8 +197,11 @@ def export_web_models(
         args = (z, torch.zeros(1, 3), h, h, torch.ones(1), torch.full((1, z_size), 0.5), z)
         names = ["z", "action", "h", "c", "tau", "u", "eps"]
         outputs = ["z_next", "h_next", "c_next", "reward", "done"]
-        dynamic = {n: {0: "batch"} for n in names + outputs if n != "tau"}
-        _export(WebDreamStep(mdrnn), args, folder / DREAM_STEP_FILE, names, outputs, dynamic)
+        if controller is not None:
+            controller = copy.deepcopy(controller).float().cpu().eval()
+            args, names, outputs = args + (torch.zeros(1),), names + ["autopilot"], outputs + ["action_taken"]
+        dynamic = {n: {0: "batch"} for n in names + outputs if n not in ("tau", "autopilot")}
+        _export(WebDreamStep(mdrnn, controller), args, folder / DREAM_STEP_FILE, names, outputs, dynamic)
     kl = kl_per_dimension(mu_t, logvar_t)
     spread = mu_t.std(0)
     centre = mu_t.mean(0)
@@ -204,6 +217,7 @@ def export_web_models(
         "z_start": [float(x) for x in mu_t[start]],
         "reward_head": mdrnn is not None and mdrnn.reward_head is not None,
         "done_head": mdrnn is not None and mdrnn.done_head is not None,
+        "controller": mdrnn is not None and controller is not None,
     }
     write_json(folder / META_FILE, meta)
     return WebModels(folder, json.loads((folder / META_FILE).read_text()))

@@ -139,6 +139,8 @@ function latentExplorer(ort, meta, decoder, model, el) {
   return busy;
 }
 
+const AUTOPILOT = "C drives";
+
 function dreamDriver(ort, meta, decoder, step, model, el) {
   const actions = Object.fromEntries(model.get("actions"));
   const Z = meta.z_size;
@@ -162,11 +164,13 @@ function dreamDriver(ort, meta, decoder, step, model, el) {
     const u = Float32Array.from({ length: Z }, uniform);
     const eps = Float32Array.from({ length: Z }, normal);
     const tensor = (data, shape) => new ort.Tensor("float32", data, shape);
-    const out = await step.run({
-      z: tensor(world.z, [1, Z]), action: tensor(Float32Array.from(actions[name]), [1, 3]),
+    const feeds = {
+      z: tensor(world.z, [1, Z]), action: tensor(Float32Array.from(actions[name] ?? [0, 0, 0]), [1, 3]),
       h: tensor(world.h, [1, H]), c: tensor(world.c, [1, H]), tau: tensor(Float32Array.of(Number(tau.value)), [1]),
       u: tensor(u, [1, Z]), eps: tensor(eps, [1, Z]),
-    });
+    };
+    if (autopilot) feeds.autopilot = tensor(Float32Array.of(name === AUTOPILOT ? 1 : 0), [1]);
+    const out = await step.run(feeds);
     world.z = out.z_next.data;
     world.h = out.h_next.data;
     world.c = out.c_next.data;
@@ -176,6 +180,7 @@ function dreamDriver(ort, meta, decoder, step, model, el) {
     await decode(ort, decoder, world.z, frame);
     times.step.push(performance.now() - start);
     const parts = [`step ${world.t}: ${name}`];
+    if (autopilot) parts.push(`(steer, gas, brake) = (${[...out.action_taken.data].map((x) => x.toFixed(2)).join(", ")})`);
     if (meta.reward_head) parts.push(`M's predicted reward ${reward.toFixed(2)} (total ${world.total.toFixed(1)})`);
     if (meta.done_head) parts.push(`P(episode ends) ${out.done.data[0].toFixed(2)}`);
     status.textContent = parts.join(" · ");
@@ -183,18 +188,21 @@ function dreamDriver(ort, meta, decoder, step, model, el) {
   };
   let queue = restart();
   const enqueue = (f) => (queue = queue.then(f).catch((e) => (status.textContent = `error: ${e.message}`)));
-  const buttons = Object.keys(actions).map((name) => {
+  // exported with a controller, the dream step can let C drive (worldmodels.webmodels)
+  const autopilot = step.inputNames.includes("autopilot");
+  const names = autopilot ? [...Object.keys(actions), AUTOPILOT] : Object.keys(actions);
+  const buttons = names.map((name) => {
     const b = element("button", { type: "button", text: name, "data-action": name });
     b.addEventListener("click", () => enqueue(() => advance(name)));
     return b;
   });
   const reset = element("button", { type: "button", text: "reset" });
   reset.addEventListener("click", () => enqueue(restart));
-  const keys = { ArrowLeft: "left", ArrowRight: "right", ArrowUp: "gas", ArrowDown: "brake", " ": "straight" };
+  const keys = { ArrowLeft: "left", ArrowRight: "right", ArrowUp: "gas", ArrowDown: "brake", " ": "straight", c: AUTOPILOT };
   el.tabIndex = 0;
   el.addEventListener("keydown", (event) => {
     const name = keys[event.key];
-    if (name === undefined || !(name in actions)) return;
+    if (name === undefined || !names.includes(name)) return;
     event.preventDefault();
     enqueue(() => advance(name));
   });
@@ -202,7 +210,7 @@ function dreamDriver(ort, meta, decoder, step, model, el) {
     element("div", { class: "wm-web-buttons" }, [...buttons, reset]),
     element("label", { class: "wm-web-slider" }, [element("span", { text: "temperature" }), tau, tauValue]),
     element("div", { class: "wm-web-row" }, [frame, status]),
-    element("p", { class: "wm-web-note", text: "Click here, then drive with the arrow keys (space: straight), or with the buttons. Each press is one step of M at temperature τ; V draws the dreamed z." }),
+    element("p", { class: "wm-web-note", text: `Click here, then drive with the arrow keys (space: straight${autopilot ? "; c: C drives" : ""}), or with the buttons. Each press is one step of M at temperature τ; V draws the dreamed z.` }),
   );
   return queue;
 }

@@ -65,9 +65,9 @@ class WebWidget(anywidget.AnyWidget):
         self.send({"asset": name}, [self.assets[name]])
 
 
-def _assets(vae, mdrnn, mu, logvar, start: int) -> tuple[dict[str, bytes], dict]:
+def _assets(vae, mdrnn, mu, logvar, start: int, controller=None) -> tuple[dict[str, bytes], dict]:
     with tempfile.TemporaryDirectory() as folder:
-        exported = export_web_models(vae, mdrnn, mu, logvar, folder, start=start)
+        exported = export_web_models(vae, mdrnn, mu, logvar, folder, start=start, controller=controller)
         names = [DECODER_FILE] + ([DREAM_STEP_FILE] if mdrnn is not None else [])
         return {n: (Path(folder) / n).read_bytes() for n in names}, exported.meta
 
@@ -93,12 +93,16 @@ def dream_driver(
     scale: int = 4,
     seed: int = 0,
     actions: Mapping[str, Sequence[float]] | None = None,
+    controller=None,
 ) -> WebWidget:
     """Drive in M's dream from frame `start`'s code: each action (default ``worldmodels.widgets.ACTIONS``)
-    is one step of M at temperature `tau` (a slider in the page), with M's predicted reward."""
+    is one step of M at temperature `tau` (a slider in the page), with M's predicted reward.
+
+    With a `controller` (:class:`worldmodels.controller.Controller`) a button lets C drive.
+    """
     if mdrnn is None:
         raise ValueError("dream_driver needs M (mdrnn), got None")
-    assets, meta = _assets(vae, mdrnn, mu, logvar, start)
+    assets, meta = _assets(vae, mdrnn, mu, logvar, start, controller)
     picture = png_bytes(decode(vae, np.asarray(meta["z_start"], np.float32)[None])[0], scale)
     actions = [[k, [float(x) for x in v]] for k, v in (actions or ACTIONS).items()]
     return WebWidget(assets, kind="dream", scale=scale, tau=tau, seed=seed, actions=actions, picture=picture, meta=meta)

@@ -11,6 +11,12 @@
 * ``wm-widgets.js`` adapts the widget manager to the theme: Font Awesome must not replace the
   ``<i>`` icons that ipywidgets' views update, and the manager's MathJax 2 call is served by
   MathJax 3.
+* The widgets whose models run in the browser (``worldmodels.webwidgets``, anywidgets) are
+  started by ``wm-web.js`` with the same module, ``worldmodels/webwidgets.js``, copied into
+  ``_static``, and with V's decoder and M's dream step that the build exports from the shipped
+  ``book`` run into ``_static/webmodels`` (never committed); onnxruntime-web comes from npm like
+  the other vendor files. Their models are left out of the page's widget state, since the
+  widget manager would fetch anywidget's front end from a CDN.
 * A script that an extension registered twice (sphinx-thebe's ``THEBE_JS_URL`` and
   sphinx-togglebutton's settings) is written once.
 """
@@ -170,7 +176,7 @@ def web_widget_html(state: dict, model_id: str) -> str:
     return (
         f'<div class="wm-widget wm-web-widget" data-wm-model-id="{model_id}">'
         f'<div class="wm-widget-fallback">{_picture(state, model_id)}<p class="wm-widget-note wm-web-fallback-note">'
-        "With JavaScript, this widget runs V's decoder and M in your browser.</p></div>"
+        "With JavaScript, this widget runs the book's models in your browser.</p></div>"
         '<div class="wm-web-view"></div>'
         f'<script type="application/json" class="wm-web-state">{script}</script></div>'
     )
@@ -262,12 +268,13 @@ def copy_vendor_files(app, exception) -> None:
 
 
 def write_web_models(app, exception) -> None:
-    """The web widgets' module and models (the shipped ``book`` run's V and M) into ``_static``."""
+    """The web widgets' module and models (the shipped ``book`` run's V, M and C) into ``_static``."""
     if exception is not None or app.builder.format != "html":
         return
     import numpy as np
 
     import worldmodels
+    from worldmodels.controller import Controller
     from worldmodels.webmodels import export_web_models
     from worldmodels.webwidgets import CSS, ESM
 
@@ -276,7 +283,10 @@ def write_web_models(app, exception) -> None:
     shutil.copy2(CSS, static / WEB_WIDGETS_CSS)
     book = worldmodels.pretrained.load("book")
     starts = np.load(book.path / "controller" / "dream_starts.npz")
-    exported = export_web_models(book.agent.vae, book.agent.mdrnn, starts["mu"], starts["logvar"], static / WEB_MODELS)
+    controller = Controller.from_config(book.config).set_flat(book.params)
+    exported = export_web_models(
+        book.agent.vae, book.agent.mdrnn, starts["mu"], starts["logvar"], static / WEB_MODELS, controller=controller
+    )
     logger.info(f"wm_widgets: web models in {exported.folder} ({exported.size_bytes() / 1e6:.1f} MB)")
 
 
