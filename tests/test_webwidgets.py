@@ -98,3 +98,11 @@ def test_book_build_shows_the_picture_and_keeps_the_state_for_the_page(dream):
     assert "<script>view</script>" not in html and base64.b64encode(dream.picture).decode() in html
     page_state = json.loads(wm_widgets.without_web_widgets(json.dumps({"version_major": 2, "state": state})))
     assert list(page_state["state"]) == ["s"]
+
+
+def test_book_build_warns_when_a_chapter_was_executed_at_another_scale(dream):
+    state = {"w": {"model_name": "AnyModel", "state": dream.get_state()}}
+    assert wm_widgets.web_widget_mismatches(state, dict(dream.meta)) == []
+    assert wm_widgets.web_widget_mismatches(state, {**dream.meta, "z_size": 32}) == [
+        "web widget w has z_size 8, the shipped book run's models 32"
+    ]

@@ -288,6 +288,23 @@ def write_web_models(app, exception) -> None:
         book.agent.vae, book.agent.mdrnn, starts["mu"], starts["logvar"], static / WEB_MODELS, controller=controller
     )
     logger.info(f"wm_widgets: web models in {exported.folder} ({exported.size_bytes() / 1e6:.1f} MB)")
+    for docname in sorted(app.env.found_docs):
+        path = Path(app.env.doc2path(docname))
+        if path.suffix == ".ipynb":
+            state = _notebook_state(str(path), path.stat().st_mtime)
+            for fault in web_widget_mismatches(state, exported.meta):
+                logger.warning(f"{path.name}: {fault}; execute it at WM_SCALE=book (book/execute.py)", location=docname)
+
+
+def web_widget_mismatches(state: dict, meta: dict) -> list[str]:
+    """Why the web widgets of a notebook's saved state cannot run the models the build exported."""
+    faults = []
+    for model_id in [m for m in state if is_web_widget(state, m)]:
+        saved = state[model_id]["state"].get("meta", {})
+        for key in ("z_size", "hidden_size"):
+            if saved.get(key) is not None and saved.get(key) != meta[key]:
+                faults.append(f"web widget {model_id[:8]} has {key} {saved.get(key)}, the shipped book run's models {meta[key]}")
+    return faults
 
 
 def drop_web_widgets_from_state(app, pagename, templatename, context, doctree) -> None:
