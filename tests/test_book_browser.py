@@ -13,6 +13,11 @@ On each page:
 * each widget that works without a kernel renders, and each of its sliders, toggles and
   Play buttons changes the image it shows;
 * each widget that needs a kernel says so, with its picture;
+* each widget whose models run in the browser (``worldmodels.webwidgets``) starts, served
+  over HTTP: every slider of the latent explorer changes the decoded frame, and a drive of
+  100 steps in M's dream runs without error (the times per decode and per dream step are
+  printed and written to ``_build/web_widget_times.json``); opened as a file, it shows its
+  picture and says why it does not run;
 * with JavaScript off, each widget's place shows its static picture.
 
 The browser is Debian's ``chromium`` (or ``WM_CHROMIUM``). Without it the tests are
@@ -70,8 +75,13 @@ if not Path(CHROMIUM).exists() or not (ROOT / "node_modules").is_dir():
 # --- which widgets each page shows, from its notebook --------------------------------------------
 
 
-def widget_views(page: str) -> list[tuple[str, bool]]:
-    """(model id, needs a kernel) of each widget a chapter's outputs display, in order."""
+PRECOMPUTED, LIVE, WEB = "kernel-free", "needs a kernel", "runs in the browser"
+DREAM_STEPS = 100
+TIMES = HTML.parent / "web_widget_times.json"
+
+
+def widget_views(page: str) -> list[tuple[str, str]]:
+    """(model id, PRECOMPUTED, LIVE or WEB) of each widget a chapter's outputs display, in order."""
     path = ROOT / f"{page}.ipynb"
     if not path.exists():
         return []
@@ -82,7 +92,9 @@ def widget_views(page: str) -> list[tuple[str, bool]]:
         for out in cell.get("outputs", []):
             view = out.get("data", {}).get(wm_widgets.WIDGET_VIEW)
             if view:
-                views.append((view["model_id"], wm_widgets.needs_kernel(state, view["model_id"])))
+                m = view["model_id"]
+                kind = WEB if wm_widgets.is_web_widget(state, m) else LIVE if wm_widgets.needs_kernel(state, m) else PRECOMPUTED
+                views.append((m, kind))
     return views
 
 
@@ -256,6 +268,92 @@ def exercise(place) -> list[str]:
     return faults
 
 
+_CANVAS = "e => { const c = e.querySelector('canvas'); return c ? c.toDataURL() : ''; }"
+
+
+def _wait_for_canvas_change(place, before: str) -> str:
+    deadline = time.monotonic() + CHANGE_TIMEOUT_S
+    while True:
+        now = place.evaluate(_CANVAS)
+        if now != before or time.monotonic() > deadline:
+            return now
+        place.page.wait_for_timeout(50)
+
+
+def exercise_web(place, scheme: str) -> list[str]:
+    """Start a web widget and move each of its controls; the failures, one line each."""
+    if not place.count():
+        return ["its place is missing from the page"]
+    fallback = place.locator(".wm-widget-fallback")
+    if scheme == "file":
+        if not fallback.is_visible() or "HTTP" not in fallback.inner_text():
+            return ["opened as a file, it should show its picture and say that it runs over HTTP"]
+        return []
+    try:
+        place.locator(".wm-web-view[data-wm-ready]").wait_for(timeout=60_000)
+    except Exception:
+        return [f"did not start: {place.inner_text()[:200]!r}"]
+    faults = []
+    if fallback.is_visible():
+        faults.append("its static picture should be hidden once it runs")
+    view = place.locator(".wm-web-view")
+    shown = _wait_for_canvas_change(view, "")
+    if not shown:
+        return faults + ["shows no frame"]
+    sliders = view.locator("input[data-dim]")
+    for k in range(sliders.count()):
+        sliders.nth(k).focus()
+        sliders.nth(k).press("End" if k % 2 == 0 else "Home")
+        now = _wait_for_canvas_change(view, shown)
+        if now == shown:
+            faults.append(f"slider z[{sliders.nth(k).get_attribute('data-dim')}]: the frame stays the same")
+        shown = now
+    buttons = view.locator("button[data-action]")
+    if buttons.count():
+        names = [buttons.nth(b).get_attribute("data-action") for b in range(buttons.count())]
+        view.locator('input[aria-label="temperature"]').evaluate(
+            "e => { e.value = '1.5'; e.dispatchEvent(new Event('input')); }"
+        )
+        view.click()
+        keys = ["ArrowUp", "ArrowLeft", "ArrowRight", "ArrowDown", " "]
+        for t in range(DREAM_STEPS):
+            if t % 2:
+                buttons.nth(t % len(names)).click()
+            else:
+                view.press(keys[t % len(keys)])
+        try:
+            place.page.wait_for_function(
+                "([e, n]) => Number(e.dataset.wmSteps) >= n", arg=[view.element_handle(), DREAM_STEPS], timeout=60_000
+            )
+        except Exception:
+            faults.append(f"a drive of {DREAM_STEPS} steps did not finish: {view.locator('.wm-web-status').inner_text()!r}")
+        status = view.locator(".wm-web-status").inner_text()
+        if "error" in status or "reward" not in status:
+            faults.append(f"after the drive the status reads {status!r}")
+        if _wait_for_canvas_change(view, shown) == shown:
+            faults.append("the dream's frame stays the same")
+    if not sliders.count() and not buttons.count():
+        faults.append("has no control to move")
+    return faults
+
+
+def _record_times(page, name: str) -> None:
+    times = page.evaluate("() => globalThis.wmWebTimes || null")
+    if not times:
+        return
+    import statistics
+
+    summary = {
+        k: {"n": len(v), "first_ms": round(v[0], 2), "median_ms": round(statistics.median(v[1:] or v), 2),
+            "p90_ms": round(statistics.quantiles(v[1:], n=10)[-1], 2) if len(v) > 2 else None, "max_ms": round(max(v), 2)}
+        for k, v in times.items() if v
+    }
+    print(f"{name}: {summary}")
+    recorded = json.loads(TIMES.read_text()) if TIMES.exists() else {}
+    recorded[name] = summary
+    TIMES.write_text(json.dumps(recorded, indent=2) + "\n")
+
+
 # --- the tests ----------------------------------------------------------------------------------
 
 
@@ -267,7 +365,7 @@ def test_page_in_browser(page, scheme, server, browser_context):
     p = open_page(context, log, f"{root}/{page}.html")
     views = widget_views(page)
     faults: list[str] = []
-    kernel_free = [m for m, live in views if not live]
+    kernel_free = [m for m, kind in views if kind == PRECOMPUTED]
     if views:
         try:
             p.wait_for_function(
@@ -288,10 +386,13 @@ def test_page_in_browser(page, scheme, server, browser_context):
         faults.append(f"raw TeX in the text: {math['raw'][:3]}")
 
     rendered = p.evaluate(f"() => [...document.querySelectorAll('{VIEW_SELECTOR}')].map(s => JSON.parse(s.textContent).model_id)")
-    for k, (model_id, live) in enumerate(views):
-        name = f"widget {k + 1} of {len(views)} ({model_id[:8]}, {'needs a kernel' if live else 'kernel-free'})"
+    for k, (model_id, kind) in enumerate(views):
+        name = f"widget {k + 1} of {len(views)} ({model_id[:8]}, {kind})"
         script = p.locator(VIEW_SELECTOR).nth(rendered.index(model_id)) if model_id in rendered else None
-        if live:
+        if kind == WEB:
+            faults += [f"{name}: {f}" for f in exercise_web(p.locator(f'[data-wm-model-id="{model_id}"]'), scheme)]
+            continue
+        if kind == LIVE:
             place = p.locator(f'[data-wm-model-id="{model_id}"]')
             if not place.count() or "kernel" not in place.inner_text():
                 faults.append(f"{name}: does not say that it needs a kernel")
@@ -309,6 +410,8 @@ def test_page_in_browser(page, scheme, server, browser_context):
         if fallback.count() != 1 or fallback.is_visible():
             faults.append(f"{name}: its static picture should be there, hidden by the widget")
         faults += [f"{name}: {f}" for f in exercise(place)]
+    if scheme == "http":
+        _record_times(p, page)
     faults += log
     assert not faults, f"{page}:\n  " + "\n  ".join(dict.fromkeys(faults))
 

@@ -11,6 +11,12 @@
 * ``wm-widgets.js`` adapts the widget manager to the theme: Font Awesome must not replace the
   ``<i>`` icons that ipywidgets' views update, and the manager's MathJax 2 call is served by
   MathJax 3.
+* The widgets whose models run in the browser (``worldmodels.webwidgets``, anywidgets) are
+  started by ``wm-web.js`` with the same module, ``worldmodels/webwidgets.js``, copied into
+  ``_static``, and with V's decoder and M's dream step that the build exports from the shipped
+  ``book`` run into ``_static/webmodels`` (never committed); onnxruntime-web comes from npm like
+  the other vendor files. Their models are left out of the page's widget state, since the
+  widget manager would fetch anywidget's front end from a CDN.
 * A script that an extension registered twice (sphinx-thebe's ``THEBE_JS_URL`` and
   sphinx-togglebutton's settings) is written once.
 """
@@ -26,6 +32,9 @@ from functools import lru_cache
 from pathlib import Path
 
 from docutils import nodes
+from sphinx.util import logging
+
+logger = logging.getLogger(__name__)
 
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
@@ -37,6 +46,16 @@ VENDOR = {
     "mathjax": ("mathjax", "es5"),
 }
 """Folder under ``_static/vendor`` -> (npm package, the folder of it that is copied)."""
+VENDOR_FILES = {
+    "onnxruntime-web": ("onnxruntime-web", "dist", ("ort.wasm.bundle.min.mjs", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm")),
+}
+"""Folder under ``_static/vendor`` -> (npm package, its folder, the only files copied from it)."""
+WEB_MODELS = "webmodels"
+"""Folder under ``_static`` where the build writes the ONNX models of the web widgets."""
+WEB_WIDGETS_JS = "wm-webwidgets.js"
+"""Name under ``_static`` of ``worldmodels/webwidgets.js``, the web widgets' module."""
+WEB_WIDGETS_CSS = "wm-webwidgets.css"
+"""Name under ``_static`` of ``worldmodels/webwidgets.css``, their style."""
 
 _SKIP = shutil.ignore_patterns("*.map", "embed.js", "libembed-amd.js", "*.LICENSE.txt", "bin", "*.md")
 
@@ -87,6 +106,8 @@ def needs_kernel(state: dict, model_id: str) -> bool:
 
     A control that no link joins in the browser can only act through Python callbacks.
     """
+    if is_web_widget(state, model_id):
+        return False
     linked = set()
     for m in state.values():
         if m["model_name"] in _LINKS:
@@ -95,12 +116,18 @@ def needs_kernel(state: dict, model_id: str) -> bool:
     return any(c not in linked for c in controls(state, model_id))
 
 
-def _image_value(model: dict) -> bytes:
+def _image_value(model: dict, trait: str = "value") -> bytes:
     for buf in model.get("buffers", []):
-        if buf.get("path") == ["value"]:
+        if buf.get("path") == [trait]:
             return base64.b64decode(buf["data"])
-    value = model["state"].get("value", "")
+    value = model["state"].get(trait, "")
     return base64.b64decode(value) if isinstance(value, str) else bytes(value)
+
+
+def is_web_widget(state: dict, model_id: str) -> bool:
+    """Whether a model is one of ``worldmodels.webwidgets``, whose models run in the browser."""
+    model = state.get(model_id, {})
+    return model.get("state", {}).get("component") == "worldmodels.webwidgets"
 
 
 def shown_image(state: dict, model_id: str) -> tuple[bytes, str] | None:
@@ -110,6 +137,8 @@ def shown_image(state: dict, model_id: str) -> tuple[bytes, str] | None:
     if model is None:
         return None
     name, s = model["model_name"], model["state"]
+    if is_web_widget(state, model_id):
+        return _image_value(model, "picture"), "png"
     if name == "ImageModel":
         return _image_value(model), s.get("format", "png")
     children = _refs(s.get("children", []))
@@ -136,8 +165,36 @@ def _picture(state: dict, model_id: str) -> str:
     return f'<img class="wm-widget-picture" src="{src}" alt="the picture the widget showed when the chapter was executed"/>'
 
 
+_WEB_STATE = ("kind", "scale", "tau", "seed", "actions", "meta")
+"""The traits of a web widget that its module reads in the static page."""
+
+
+def web_widget_html(state: dict, model_id: str) -> str:
+    """The place of a web widget: its picture, and its state for ``wm-web.js`` to start it."""
+    saved = {k: state[model_id]["state"].get(k) for k in _WEB_STATE}
+    script = json.dumps(saved).replace("</", "<\\/")
+    return (
+        f'<div class="wm-widget wm-web-widget" data-wm-model-id="{model_id}">'
+        f'<div class="wm-widget-fallback">{_picture(state, model_id)}<p class="wm-widget-note wm-web-fallback-note">'
+        "With JavaScript, this widget runs the book's models in your browser.</p></div>"
+        '<div class="wm-web-view"></div>'
+        f'<script type="application/json" class="wm-web-state">{script}</script></div>'
+    )
+
+
+def without_web_widgets(state_json: str) -> str:
+    """A page's saved widget state (JSON) without the web widgets, which the widget manager cannot load offline."""
+    saved = json.loads(state_json)
+    state = saved.get("state", {})
+    for model_id in [m for m in state if is_web_widget(state, m)]:
+        del state[model_id]
+    return json.dumps(saved)
+
+
 def widget_html(state: dict, view_script: str, model_id: str) -> str:
     """The markup that replaces a widget view in the page (see the module's docstring)."""
+    if is_web_widget(state, model_id):
+        return web_widget_html(state, model_id)
     picture = _picture(state, model_id)
     if needs_kernel(state, model_id):
         return (
@@ -186,7 +243,7 @@ def vendor_source(srcdir: Path, package: str, folder: str) -> Path:
 
 def use_vendor_scripts(app, config) -> None:
     config.html_static_path.append(str(STATIC))
-    for package, folder in VENDOR.values():
+    for package, folder, *_ in list(VENDOR.values()) + list(VENDOR_FILES.values()):
         vendor_source(Path(app.srcdir), package, folder)
     config.nb_ipywidgets_js = {
         "vendor/requirejs/require.js": {},
@@ -203,6 +260,61 @@ def copy_vendor_files(app, exception) -> None:
     for target, (package, folder) in VENDOR.items():
         src = vendor_source(Path(app.srcdir), package, folder)
         shutil.copytree(src, Path(app.outdir) / "_static" / "vendor" / target, ignore=_SKIP, dirs_exist_ok=True)
+    for target, (package, folder, files) in VENDOR_FILES.items():
+        src = vendor_source(Path(app.srcdir), package, folder)
+        (Path(app.outdir) / "_static" / "vendor" / target).mkdir(parents=True, exist_ok=True)
+        for name in files:
+            shutil.copy2(src / name, Path(app.outdir) / "_static" / "vendor" / target / name)
+
+
+def write_web_models(app, exception) -> None:
+    """The web widgets' module and models (the shipped ``book`` run's V, M and C) into ``_static``."""
+    if exception is not None or app.builder.format != "html":
+        return
+    import numpy as np
+
+    import worldmodels
+    from worldmodels.controller import Controller
+    from worldmodels.webmodels import export_web_models
+    from worldmodels.webwidgets import CSS, ESM
+
+    static = Path(app.outdir) / "_static"
+    shutil.copy2(ESM, static / WEB_WIDGETS_JS)
+    shutil.copy2(CSS, static / WEB_WIDGETS_CSS)
+    book = worldmodels.pretrained.load("book")
+    starts = np.load(book.path / "controller" / "dream_starts.npz")
+    controller = Controller.from_config(book.config).set_flat(book.params)
+    exported = export_web_models(
+        book.agent.vae, book.agent.mdrnn, starts["mu"], starts["logvar"], static / WEB_MODELS, controller=controller
+    )
+    logger.info(f"wm_widgets: web models in {exported.folder} ({exported.size_bytes() / 1e6:.1f} MB)")
+    for docname in sorted(app.env.found_docs):
+        path = Path(app.env.doc2path(docname))
+        if path.suffix == ".ipynb":
+            state = _notebook_state(str(path), path.stat().st_mtime)
+            for fault in web_widget_mismatches(state, exported.meta):
+                logger.warning(f"{path.name}: {fault}; execute it at WM_SCALE=book (book/execute.py)", location=docname)
+
+
+def web_widget_mismatches(state: dict, meta: dict) -> list[str]:
+    """Why the web widgets of a notebook's saved state cannot run the models the build exported."""
+    faults = []
+    for model_id in [m for m in state if is_web_widget(state, m)]:
+        saved = state[model_id]["state"].get("meta", {})
+        for key in ("z_size", "hidden_size"):
+            if saved.get(key) is not None and saved.get(key) != meta[key]:
+                faults.append(f"web widget {model_id[:8]} has {key} {saved.get(key)}, the shipped book run's models {meta[key]}")
+    return faults
+
+
+def drop_web_widgets_from_state(app, pagename, templatename, context, doctree) -> None:
+    js_files = getattr(app.env, "nb_metadata", {}).get(pagename, {}).get("js_files", {})
+    if "ipywidgets_state" in js_files:
+        uri, kwargs = js_files["ipywidgets_state"]
+        from myst_nb.core.render import sanitize_script_content
+
+        body = without_web_widgets(kwargs["body"])
+        js_files["ipywidgets_state"] = (uri, {**kwargs, "body": sanitize_script_content(body)})
 
 
 def write_scripts_once(app, pagename, templatename, context, doctree) -> None:
@@ -223,8 +335,13 @@ def setup(app):
     app.connect("config-inited", use_vendor_scripts)
     # before the theme's scripts: Font Awesome reads its configuration when it loads
     app.add_js_file("wm-widgets.js", priority=100)
+    app.add_js_file("wm-web.js")
     app.add_css_file("wm-widgets.css")
+    app.add_css_file(WEB_WIDGETS_CSS)
     app.connect("doctree-resolved", replace_widget_views)
     app.connect("html-page-context", write_scripts_once, priority=900)
+    # before myst-nb writes the page's widget state (priority 500)
+    app.connect("html-page-context", drop_web_widgets_from_state, priority=400)
     app.connect("build-finished", copy_vendor_files)
+    app.connect("build-finished", write_web_models)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
