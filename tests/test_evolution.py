@@ -19,13 +19,13 @@ from worldmodels.evolution import (
     SPHERE_SHIFT,
     evolve,
     load_checkpoint,
-    make_tasks,
     read_history,
     sphere_task,
     training_seeds,
     validation_seeds,
 )
 from worldmodels.parallel import InlineExecutor, make_executor
+from worldmodels.tasks import make_tasks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,7 +55,7 @@ def test_sphere_converges_through_local_executor():
 def test_tasks_share_tracks_and_name_their_work():
     cfg = sphere_cfg(episodes_per_candidate=3, population=4)
     params = np.arange(4 * 2, dtype=float).reshape(4, 2)
-    tasks = make_tasks("train", 5, params, training_seeds(cfg, 5), task_size=5, max_steps=100, early_stop_steps=10)
+    tasks = make_tasks("train", params, training_seeds(cfg, 5), 5, 100, early_stop_steps=10, generation=5)
     assert [len(t) for t in tasks] == [4, 4, 4]  # 12 episodes in tasks of at most 5
     cands = np.concatenate([t.candidates for t in tasks])
     seeds = np.concatenate([t.seeds for t in tasks])
@@ -183,7 +183,7 @@ def _tiny_run(tmp_path: Path):
 
 def test_train_controller_tiny_end_to_end(tmp_path):
     from worldmodels.controller import load_controller, n_params
-    from worldmodels.evolution import train_controller
+    from worldmodels.rollout import train_controller
 
     cfg, run = _tiny_run(tmp_path)
     first = train_controller(cfg, run, quiet=True, max_generations=1)
@@ -207,7 +207,8 @@ def _boom():
 
 
 def test_a_finished_run_continues_when_generations_grow(tmp_path):
-    from worldmodels.evolution import is_finished, train_controller
+    from worldmodels.evolution import is_finished
+    from worldmodels.rollout import train_controller
     from worldmodels.runs import RunDirError
 
     cfg, run = _tiny_run(tmp_path)
@@ -254,7 +255,7 @@ def test_final_selection_rescores_the_best_validated_means(tmp_path):
     by_val = sorted(state.validated, key=lambda v: v["val_mean"], reverse=True)[:3]
     assert [c["generation"] for c in sel["candidates"]] == [v["generation"] for v in by_val]
     for c, v in zip(sel["candidates"], by_val):  # recompute each candidate's scores by hand
-        r = _track_task(None, make_tasks("select", 6, v["params"][None], selection_seeds(cfg), 99, 1)[0])
+        r = _track_task(None, make_tasks("select", v["params"][None], selection_seeds(cfg), 99, 1, generation=6)[0])
         assert c["select_mean"] == pytest.approx(r.mean())
         assert c["combined_mean"] == pytest.approx((2 * v["val_mean"] + r.sum()) / 7)
     best = max(sel["candidates"], key=lambda c: c["combined_mean"])

@@ -8,7 +8,8 @@ from worldmodels import pretrained
 from worldmodels.config import preset
 from worldmodels.controller import ControllerShape, save_controller
 from worldmodels.mdrnn import MDRNN
-from worldmodels.rollout import Agent, evaluate_run
+from worldmodels.evaluation import evaluate_run
+from worldmodels.rollout import Agent
 from worldmodels.runs import RunDir, load_tensors, save_tensors, write_json
 from worldmodels.vae import VAE
 

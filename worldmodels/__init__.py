@@ -12,8 +12,8 @@ FAST_CARRACING_ID = "worldmodels/CarRacing-v3"
 """Gymnasium id of the package's bit-identical, faster CarRacing-v3 renderer."""
 
 _SUBMODULES = (
-    "ablations", "carracing", "cli", "config", "controller", "data", "dream", "env", "evolution", "mdrnn",
-    "parallel", "pretrained", "rollout", "runs", "train", "vae", "viz",
+    "ablations", "carracing", "cli", "config", "controller", "data", "dream", "env", "evaluation", "evolution",
+    "mdrnn", "parallel", "pretrained", "rollout", "runs", "tasks", "train", "vae", "viz",
 )
 
 
