@@ -25,7 +25,7 @@ from worldmodels.evolution import (
     validation_seeds,
 )
 from worldmodels.parallel import InlineExecutor, make_executor
-from worldmodels.tasks import make_tasks
+from worldmodels.tasks import Task, make_tasks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,6 +69,13 @@ def test_tasks_share_tracks_and_name_their_work():
     )
     with pytest.raises(ConfigError, match="validation seeds"):
         evolve(sphere_task, 5, sphere_cfg(generations=400_000, episodes_per_candidate=2), InlineExecutor(), quiet=True)
+    collection = make_tasks("collect", None, np.arange(10, 17), 3, 50)  # the random policy: no params
+    assert [list(t.seeds) for t in collection] == [[10, 11, 12], [13, 14], [15, 16]]
+    assert repr(collection[1]) == "Task(collect, seeds=[13-14], episodes=2, max_steps=50)"
+    with pytest.raises(ValueError, match="3 seeds got 2 rows"):
+        Task("evaluate", np.arange(3), params[:2])
+    with pytest.raises(ValueError, match="task kind"):
+        Task("dream", np.arange(3))
 
 
 def test_weight_decay_enters_the_fitness():

@@ -119,8 +119,8 @@ class Controller:
     product: ``ctrl(z, h)`` with ``z`` (K, Z) and ``h`` (K, H) (None for the V-only kinds) returns
     squashed actions (K, 3). A single controller is K = 1.
 
-    With ``index`` (an integer array of n of the K rows) only those controllers act, on inputs
-    of n rows: rollouts use it to skip the environments that have finished. The weights are
+    With ``index`` (an integer array of n of the K rows, or a slice) only those controllers act,
+    on inputs of n rows: rollouts use it to skip the environments that have finished. The weights are
     held in `dtype` (float32, or float64 for the evaluation's exact driving; inputs must match).
 
     >>> Controller("zh").set_flat(np.zeros(867))(torch.zeros(1, 32), torch.zeros(1, 256))
@@ -180,7 +180,7 @@ class Controller:
         parts = [t.flatten(1) for layer in self._layers for t in layer]
         return torch.cat(parts, dim=1).double().numpy()
 
-    def __call__(self, z: Tensor, h: Tensor | None = None, index: np.ndarray | None = None) -> Tensor:
+    def __call__(self, z: Tensor, h: Tensor | None = None, index: np.ndarray | slice | None = None) -> Tensor:
         if not self._layers:
             raise RuntimeError("Controller: call set_flat first")
         x = torch.cat([z, h], dim=-1) if self.shape.uses_h else z

@@ -145,9 +145,10 @@ class Agent:
         vae = vae if vae is not None else self.vae
         dtype = vae.fc_mu.weight.dtype
         x = torch.from_numpy(frames).permute(0, 3, 1, 2).to(dtype).div_(255.0)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.encode_bf16 and dtype == torch.float32):
-            mu, _ = vae.encode(x)
-        return mu.to(dtype)
+        if self.encode_bf16 and dtype == torch.float32:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return vae.encode(x)[0].float()
+        return vae.encode(x)[0]
 
 
 def agent_config(agent: Agent, cfg: Config | None = None) -> Config:
@@ -289,11 +290,12 @@ def rollout(
     with one_torch_thread(), torch.inference_mode():
         h, c = mdrnn.initial_state(len(seeds)) if mdrnn is not None else (None, None)
         for _ in range(max_steps):
-            z = agent.encode(frames[running], vae)  # V
-            state = (h[running], c[running]) if mdrnn is not None else (None, None)
-            actions = controller(z, state[0], running).float()  # C; float32, what the environments get
+            rows = slice(None) if len(running) == len(seeds) else running  # all rows: views, no copies
+            z = agent.encode(frames[rows], vae)  # V
+            state = (h[rows], c[rows]) if mdrnn is not None else (None, None)
+            actions = controller(z, state[0], rows).float()  # C; float32, what the environments get
             if mdrnn is not None:
-                h[running], c[running] = mdrnn.cell(z, actions.to(z.dtype), state)  # M
+                h[rows], c[rows] = mdrnn.cell(z, actions.to(z.dtype), state)  # M
             z, actions = z.float().numpy(), actions.numpy()
             for j, i in enumerate(running):
                 seen = (frames[i].copy(), z[j], actions[j]) if trace else ()
