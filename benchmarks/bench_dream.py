@@ -4,7 +4,7 @@
 
 Real: one process stepping ``make_env`` (the 64x64 observation transform included) with
 random actions. Dream: the paper-sized M (z 32, LSTM 256, 5 components, reward and done
-heads) and a batch of linear controllers (``BatchedController``), one ``DreamEnv`` of
+heads) and a batch of linear controllers (one ``Controller`` of K vectors), one ``DreamEnv`` of
 ``--batch`` dreams (64 candidates x 16 episodes by default: one CMA-ES generation),
 at temperature 1.15. Both use ``--threads`` torch threads (default 1: one core each).
 """
@@ -19,7 +19,7 @@ import torch
 
 from stepping import random_steps_per_second
 from worldmodels.config import EnvConfig
-from worldmodels.controller import BatchedController, ControllerShape
+from worldmodels.controller import Controller, ControllerShape
 from worldmodels.dream import DreamEnv, dream_rollout
 from worldmodels.env import make_env
 from worldmodels.mdrnn import MDRNN
@@ -35,7 +35,7 @@ def dream_steps_per_second(batch: int, steps: int, seed: int = 0) -> float:
     with torch.no_grad():
         mdrnn.done_head.bias.fill_(-20.0)  # no dream ends early: every step of the batch is counted
     shape = ControllerShape("zh", 32, 256)
-    ctrl = BatchedController(shape, np.random.default_rng(seed).normal(0, 0.1, (batch, shape.n_params)))
+    ctrl = Controller.from_shape(shape, np.random.default_rng(seed).normal(0, 0.1, (batch, shape.n_params)))
     env = DreamEnv(mdrnn, temperature=1.15, max_steps=steps)
     z0 = torch.randn(batch, 32)
     dream_rollout(DreamEnv(mdrnn, 1.15, 2), ctrl, z0)  # warm-up

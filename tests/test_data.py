@@ -15,6 +15,7 @@ from worldmodels.data import (
     RandomPolicy,
     SequenceDataset,
     collect,
+    collect_task,
     dataset_episodes,
     episode_files,
     episode_index,
@@ -205,6 +206,44 @@ def test_uniform_policy_collection(tmp_path):
     ep = load_episode(episode_path(tmp_path / "data", 0))
     steer = ep.action[:, 0]
     assert abs(np.corrcoef(steer[:-1], steer[1:])[0, 1]) < 0.4
+
+
+def _dies_once(collector, task):
+    """Collection whose worker dies, as on an OOM kill, the first time it drives episode 1."""
+    marker = os.path.join(os.path.dirname(collector.data_dir), "died")
+    if collector.data_cfg.seed + 1 in task.seeds and not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(1)
+    return collect_task(collector, task)
+
+
+def _stuck_on_episode_1(collector, task):
+    if collector.data_cfg.seed + 1 in task.seeds:
+        time.sleep(60)
+    return collect_task(collector, task)
+
+
+def test_collection_in_workers_reruns_the_episodes_of_a_worker_that_died(tmp_path, tiny_run, monkeypatch):
+    import worldmodels.data as data_module
+
+    monkeypatch.setattr(data_module, "collect_task", _dies_once)
+    collect(tiny(**{"data.workers": 2, "data.envs_per_worker": 1}), tmp_path / "run", quiet=True)
+    assert (tmp_path / "run" / "died").exists()  # a worker really died
+    for i in range(tiny().data.episodes):  # and every episode is the one collected in one process
+        again = _npz_arrays(episode_path(tmp_path / "run" / "data", i))
+        for key, value in _npz_arrays(episode_path(tiny_run / "data", i)).items():
+            np.testing.assert_array_equal(again[key], value, err_msg=f"episode {i}, {key}")
+
+
+def test_a_stuck_collection_task_times_out_naming_it(tmp_path, monkeypatch):
+    import worldmodels.data as data_module
+    from worldmodels.parallel import TaskTimeoutError
+
+    monkeypatch.setattr(data_module, "collect_task", _stuck_on_episode_1)
+    cfg = tiny(**{"data.workers": 2, "data.envs_per_worker": 1, "data.task_timeout": 2.0})
+    seed = cfg.data.seed + 1
+    with pytest.raises(TaskTimeoutError, match=rf"task #1: Task\(collect, seeds=\[{seed}\]"):
+        collect(cfg, tmp_path, quiet=True)
 
 
 # --- episodes without the dataset on disk -----------------------------------------------------

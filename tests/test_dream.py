@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from worldmodels.config import ConfigError, DreamConfig, preset
-from worldmodels.controller import BatchedController, ControllerShape
+from worldmodels.controller import Controller, ControllerShape
 from worldmodels.dream import (
     DreamEnv,
     DreamWorker,
@@ -17,7 +17,7 @@ from worldmodels.dream import (
     initial_z_for_seeds,
     train_controller_in_dream,
 )
-from worldmodels.evolution import Task
+from worldmodels.tasks import Task
 from worldmodels.mdrnn import MDRNN
 from worldmodels.runs import RunDir, save_npz, save_tensors
 
@@ -81,7 +81,7 @@ def test_temperature_validation_and_effect():
 
 def test_dreams_end_and_stop_paying():
     env = DreamEnv(_mdrnn(done_head=False), temperature=1.0, max_steps=7)
-    ctrl = BatchedController(ControllerShape("zh", Z, H), np.zeros((4, ControllerShape("zh", Z, H).n_params)))
+    ctrl = Controller("zh", Z, H).set_flat(np.zeros((4, ControllerShape("zh", Z, H).n_params)))
     returns, steps = dream_rollout(env, ctrl, torch.zeros(4, Z), torch.Generator().manual_seed(0))
     assert returns.shape == (4,) and (steps == 7).all()  # no done head: max_steps ends them
 
@@ -111,13 +111,13 @@ def test_initial_latents_and_dream_task(tmp_path):
     shape = ControllerShape("zh", Z, H)
     worker = DreamWorker(_mdrnn(), mu, logvar, shape, 1.15)
     params = rng.normal(0, 0.1, (3, shape.n_params))
-    task = Task("train", 0, np.arange(3), params, np.array([7, 7, 7]), max_steps=20)
+    task = Task("train", np.array([7, 7, 7]), params, max_steps=20, generation=0)
     r1, r2 = dream_task(worker, task), dream_task(worker, task)
     assert r1.shape == (3,) and np.isfinite(r1).all()
     np.testing.assert_array_equal(r1, r2)
-    later = Task("train", 5, np.arange(3), params, np.array([7, 7, 7]), max_steps=20)
+    later = Task("train", np.array([7, 7, 7]), params, max_steps=20, generation=5)
     assert not np.array_equal(dream_task(worker, later), r1)  # training dreams change every generation
-    validate = [Task("validate", g, np.arange(3), params, np.array([7, 7, 7]), max_steps=20) for g in (0, 5)]
+    validate = [Task("validate", np.array([7, 7, 7]), params, max_steps=20, generation=g) for g in (0, 5)]
     np.testing.assert_array_equal(dream_task(worker, validate[0]), dream_task(worker, validate[1]))
 
 

@@ -18,13 +18,13 @@ from worldmodels.evolution import (
     SPHERE_SHIFT,
     evolve,
     load_checkpoint,
-    make_tasks,
     read_history,
     sphere_task,
     training_seeds,
     validation_seeds,
 )
 from worldmodels.parallel import InlineExecutor, make_executor
+from worldmodels.tasks import Task, make_tasks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,7 +54,7 @@ def test_sphere_converges_through_local_executor():
 def test_tasks_share_tracks_and_name_their_work():
     cfg = sphere_cfg(episodes_per_candidate=3, population=4)
     params = np.arange(4 * 2, dtype=float).reshape(4, 2)
-    tasks = make_tasks("train", 5, params, training_seeds(cfg, 5), task_size=5, max_steps=100, early_stop_steps=10)
+    tasks = make_tasks("train", params, training_seeds(cfg, 5), 5, 100, early_stop_steps=10, generation=5)
     assert [len(t) for t in tasks] == [4, 4, 4]  # 12 episodes in tasks of at most 5
     cands = np.concatenate([t.candidates for t in tasks])
     seeds = np.concatenate([t.seeds for t in tasks])
@@ -68,6 +68,13 @@ def test_tasks_share_tracks_and_name_their_work():
     )
     with pytest.raises(ConfigError, match="validation seeds"):
         evolve(sphere_task, 5, sphere_cfg(generations=400_000, episodes_per_candidate=2), InlineExecutor(), quiet=True)
+    collection = make_tasks("collect", None, np.arange(10, 17), 3, 50)  # the random policy: no params
+    assert [list(t.seeds) for t in collection] == [[10, 11, 12], [13, 14], [15, 16]]
+    assert repr(collection[1]) == "Task(collect, seeds=[13-14], episodes=2, max_steps=50)"
+    with pytest.raises(ValueError, match="3 seeds got 2 rows"):
+        Task("evaluate", np.arange(3), params[:2])
+    with pytest.raises(ValueError, match="task kind"):
+        Task("dream", np.arange(3))
 
 
 def test_weight_decay_enters_the_fitness():
@@ -171,7 +178,7 @@ def _tiny_run(fake_run, path: Path):
 
 def test_train_controller_tiny_end_to_end(tmp_path, fake_run):
     from worldmodels.controller import load_controller, n_params
-    from worldmodels.evolution import train_controller
+    from worldmodels.rollout import train_controller
 
     cfg, run = _tiny_run(fake_run, tmp_path / "run")
     first = train_controller(cfg, run, quiet=True, max_generations=1)
@@ -195,7 +202,8 @@ def _boom():
 
 
 def test_a_finished_run_continues_when_generations_grow(tmp_path, fake_run):
-    from worldmodels.evolution import is_finished, train_controller
+    from worldmodels.evolution import is_finished
+    from worldmodels.rollout import train_controller
     from worldmodels.runs import RunDirError
 
     cfg, run = _tiny_run(fake_run, tmp_path / "run")
@@ -242,7 +250,7 @@ def test_final_selection_rescores_the_best_validated_means(tmp_path):
     by_val = sorted(state.validated, key=lambda v: v["val_mean"], reverse=True)[:3]
     assert [c["generation"] for c in sel["candidates"]] == [v["generation"] for v in by_val]
     for c, v in zip(sel["candidates"], by_val):  # recompute each candidate's scores by hand
-        r = _track_task(None, make_tasks("select", 6, v["params"][None], selection_seeds(cfg), 99, 1)[0])
+        r = _track_task(None, make_tasks("select", v["params"][None], selection_seeds(cfg), 99, 1, generation=6)[0])
         assert c["select_mean"] == pytest.approx(r.mean())
         assert c["combined_mean"] == pytest.approx((2 * v["val_mean"] + r.sum()) / 7)
     best = max(sel["candidates"], key=lambda c: c["combined_mean"])

@@ -112,6 +112,19 @@ def test_inline_executor_runs_init_once():
     assert calls == [1]
 
 
+@pytest.mark.parametrize("make", [lambda: InlineExecutor(init=lambda: 100), lambda: LocalExecutor(2, init=int, init_args=(100,))])
+def test_progress_sees_every_result_once(make):
+    seen = []
+    with make() as ex:
+        out = ex.map_tasks(_plus_state, [1, 2, 3, 4, 5], timeout=60, progress=seen.append)
+    assert out == [101, 102, 103, 104, 105]
+    assert sorted(seen) == out  # in the order the tasks finished
+
+
+def _plus_state(state: int, task: int) -> int:
+    return state + task
+
+
 def test_missing_dask_gives_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "distributed", None)
     with pytest.raises(ImportError, match=r"worldmodels\[dask\]"):

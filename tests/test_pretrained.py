@@ -7,7 +7,8 @@ import torch
 from worldmodels import pretrained
 from worldmodels.config import preset
 from worldmodels.controller import ControllerShape, load_controller, save_controller
-from worldmodels.rollout import Agent, evaluate_run
+from worldmodels.evaluation import evaluate_run
+from worldmodels.rollout import Agent
 from worldmodels.runs import load_tensors, save_tensors, write_json
 
 CFG = preset("tiny")

@@ -1,3 +1,4 @@
+import copy
 import json
 import os
 import subprocess
@@ -11,7 +12,9 @@ import torch
 from worldmodels.cli import main
 from worldmodels.config import preset
 from worldmodels.mdrnn import MDRNN
-from worldmodels.rollout import Agent, _LSTMCell, agent_config, build_agent, evaluate, record, rollout
+from worldmodels.controller import Controller
+from worldmodels.evaluation import evaluate, record
+from worldmodels.rollout import Agent, agent_config, rollout, rollout_worker
 from worldmodels.runs import RunDir, save_tensors
 from worldmodels.vae import VAE, frames_to_tensor
 
@@ -63,12 +66,12 @@ def test_exact_driving_is_float32_driving_up_to_rounding():
 EXACT_SCRIPT = """
 import json, sys
 from worldmodels.config import Config
-from worldmodels.rollout import build_agent, rollout
+from worldmodels.rollout import Agent, rollout
 from worldmodels.runs import load_tensors
 folder = sys.argv[1]
 cfg = Config.from_json(open(folder + "/cfg.json").read())
 vae, mdrnn, params = (load_tensors(f"{folder}/{name}.safetensors") for name in ("vae", "mdrnn", "params"))
-agent = build_agent(vae, mdrnn, cfg)
+agent = Agent.from_weights(vae, mdrnn, cfg)
 r = rollout(agent, params["p"].numpy(), [int(s) for s in sys.argv[2:]], cfg.env, max_steps=40, trace=True, float64=True)
 print(json.dumps({"returns": r.returns.tolist(), "actions": [t.actions.tolist() for t in r.traces]}))
 """
@@ -98,24 +101,43 @@ def test_exact_driving_gives_the_same_actions_with_other_cpu_kernels(tmp_path):
         np.testing.assert_array_equal(single.traces[0].actions, here.traces[i].actions)
 
 
-def test_rollout_lstm_cell_matches_mdrnn_step():
+@pytest.mark.parametrize("float64", [False, True])
+def test_a_rollout_step_is_v_then_c_then_m(float64):
+    """The rollout's z, actions and returns are V.encode, the controller and MDRNN.step called by hand."""
     agent = make_agent()
-    z, a = torch.randn(4, 32), torch.rand(4, 3)
-    h, c = torch.randn(4, 32), torch.randn(4, 32)
-    _, (h_ref, c_ref) = agent.mdrnn.step(z, a, (h, c))
-    h_new, c_new = _LSTMCell(agent.mdrnn)(z, a, h, c)
-    torch.testing.assert_close(h_new, h_ref)
-    torch.testing.assert_close(c_new, c_ref)
+    params = random_params(agent, 2)
+    steps = 6
+    res = rollout(agent, params, SEEDS[:2], CFG.env, max_steps=steps, trace=True, float64=float64)
+    dtype = torch.float64 if float64 else torch.float32
+    vae, mdrnn = (copy.deepcopy(m).to(dtype) for m in (agent.vae, agent.mdrnn))
+    controller = Controller(agent.kind, agent.z_size, agent.hidden_size, params=params, dtype=dtype)
+    state = None
+    with torch.no_grad():
+        for t in range(steps):
+            frames = np.stack([tr.frames[t] for tr in res.traces])
+            x = torch.from_numpy(frames).movedim(-1, 1).contiguous().to(dtype) / 255  # NCHW, unlike the rollout's
+            z, _ = vae.encode(x)  # V
+            h = state[0] if state is not None else torch.zeros(2, agent.hidden_size, dtype=dtype)
+            actions = controller(z, h).float()  # C
+            _, state = mdrnn.step(z, actions.to(dtype), state)  # M
+            for i, tr in enumerate(res.traces):
+                if float64:  # exact driving: the same float32 actions however V and M are laid out in memory
+                    np.testing.assert_array_equal(tr.actions[t], actions[i].numpy())
+                    np.testing.assert_array_equal(tr.z[t], z[i].float().numpy())
+                np.testing.assert_allclose(tr.z[t], z[i].float().numpy(), rtol=1e-4, atol=1e-5)
+                np.testing.assert_allclose(tr.actions[t], actions[i].numpy(), rtol=1e-4, atol=1e-5)
 
 
-def test_rollout_encoder_matches_vae():
+def test_bf16_encoding_stays_close_to_float32():
     agent = make_agent()
     frames = np.random.default_rng(0).integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)
     with torch.inference_mode():
         mu, _ = agent.vae.encode(frames_to_tensor(frames))
     torch.testing.assert_close(agent.encode(frames), mu, rtol=1e-5, atol=1e-6)
     agent.encode_bf16 = True
-    torch.testing.assert_close(agent.encode(frames), mu, rtol=0.05, atol=1e-3)
+    bf16 = agent.encode(frames)
+    torch.testing.assert_close(bf16, mu, rtol=0.05, atol=1e-3)
+    assert not torch.equal(bf16, mu)
 
 
 def test_early_termination_charges_the_remaining_steps():
@@ -154,8 +176,8 @@ def test_evaluate_in_workers_matches_inline():
     assert len(inline.returns) == 3 and inline.std == pytest.approx(np.std(inline.returns))
     pooled = evaluate(agent, params, [3, 4, 5], CFG.env, envs_per_batch=2, max_steps=15, workers=2)
     assert pooled.returns == inline.returns
-    rebuilt = build_agent(*agent.init_args())
-    assert rebuilt.shape == agent.shape
+    rebuilt, env_cfg = rollout_worker(*agent.init_args(CFG))
+    assert rebuilt.shape == agent.shape and env_cfg == CFG.env
 
 
 @pytest.fixture()

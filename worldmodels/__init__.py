@@ -12,8 +12,9 @@ FAST_CARRACING_ID = "worldmodels/CarRacing-v3"
 """Gymnasium id of the package's bit-identical, faster CarRacing-v3 renderer."""
 
 _SUBMODULES = (
-    "ablations", "carracing", "checkpoint", "cli", "config", "controller", "data", "dream", "env", "evolution",
-    "fit", "mdrnn", "parallel", "prefetch", "pretrained", "rollout", "runs", "train", "vae", "viz", "widgets",
+    "ablations", "carracing", "checkpoint", "cli", "config", "controller", "data", "dream", "env", "evaluation",
+    "evolution", "fit", "mdrnn", "parallel", "prefetch", "pretrained", "rollout", "runs", "tasks", "train", "vae",
+    "viz", "webmodels", "webwidgets", "widgets",
 )
 
 

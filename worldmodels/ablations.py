@@ -129,8 +129,9 @@ def run_ablation(
     finished, evaluated on ``cfg.eval``'s tracks into ``RUN/ablations/NAME/eval/results.json``.
     Returns those results, or None while the controller is unfinished.
     """
-    from worldmodels.evolution import is_finished, train_controller
-    from worldmodels.rollout import evaluate_run
+    from worldmodels.evaluation import evaluate_run
+    from worldmodels.evolution import is_finished
+    from worldmodels.rollout import train_controller
     from worldmodels.train import train_mdrnn
 
     main = as_run_dir(run)

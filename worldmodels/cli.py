@@ -76,7 +76,7 @@ class Evaluate(Common):
 def run_evaluate(args: Evaluate) -> None:
     import json
 
-    from worldmodels.rollout import evaluate_run
+    from worldmodels.evaluation import evaluate_run
 
     if args.pretrained:
         from worldmodels import pretrained
@@ -111,7 +111,7 @@ class Record(Common):
 
 
 def run_record(args: Record) -> None:
-    from worldmodels.rollout import load_agent_and_controller, record
+    from worldmodels.evaluation import load_agent_and_controller, record
 
     cfg = _run_config(args)
     agent, params, _ = load_agent_and_controller(args.run_dir, cfg, args.controller)
@@ -187,7 +187,8 @@ def _controller_config(args: Common, scheduler: str | None, workers: int | None)
 
 
 def run_train_controller(args: TrainController) -> None:
-    from worldmodels.evolution import read_history, train_controller
+    from worldmodels.evolution import read_history
+    from worldmodels.rollout import train_controller
 
     cfg = _controller_config(args, args.scheduler, args.workers)
     train_controller(cfg, args.run_dir, quiet=args.quiet, max_generations=args.max_generations)
@@ -271,7 +272,7 @@ class Pipeline(Common):
 
 def run_pipeline(args: Pipeline) -> None:
     from worldmodels.data import collect, needs_dataset
-    from worldmodels.evolution import train_controller
+    from worldmodels.rollout import train_controller
     from worldmodels.train import encode, train_mdrnn, train_vae
 
     cfg, run, quiet = args.config, args.run_dir, args.quiet

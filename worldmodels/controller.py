@@ -13,8 +13,9 @@ The raw outputs are squashed into CarRacing's action box as in the authors' code
 vector is, layer after layer, the weight matrix of shape (out, in) in row-major order,
 then the bias (out,). For ``'zh'`` the input columns are ``[z, h]`` in that order.
 
-:class:`BatchedController` applies K different flat vectors to K environments in one
-batched matrix product, which is how rollouts evaluate a whole population at once.
+A :class:`Controller` holds K flat vectors and applies them to K environments in one
+batched matrix product, which is how rollouts and dreams evaluate a whole population at
+once; a single controller is the case K = 1.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from worldmodels.config import Config
 
@@ -113,25 +114,44 @@ def _split(flat: Tensor, shape: ControllerShape) -> list[tuple[Tensor, Tensor]]:
     return out
 
 
-class Controller(nn.Module):
-    """One controller: ``forward(z, h)`` returns squashed actions (N, 3)."""
+class Controller:
+    """K controllers of one shape, each with its own flat parameter vector, applied in one batched
+    product: ``ctrl(z, h)`` with ``z`` (K, Z) and ``h`` (K, H) (None for the V-only kinds) returns
+    squashed actions (K, 3). A single controller is K = 1.
 
-    def __init__(self, kind: str = "zh", z_size: int = 32, hidden_size: int = 256, hidden_units: int = 40):
-        super().__init__()
+    With ``index`` (an integer array of n of the K rows, or a slice) only those controllers act,
+    on inputs of n rows: rollouts use it to skip the environments that have finished. The weights are
+    held in `dtype` (float32, or float64 for the evaluation's exact driving; inputs must match).
+
+    >>> Controller("zh").set_flat(np.zeros(867))(torch.zeros(1, 32), torch.zeros(1, 256))
+    tensor([[0.0000, 0.5000, 0.0000]])
+    """
+
+    def __init__(
+        self,
+        kind: str = "zh",
+        z_size: int = 32,
+        hidden_size: int = 256,
+        hidden_units: int = 40,
+        *,
+        params: np.ndarray | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
         self.shape = ControllerShape(kind, z_size, hidden_size, hidden_units)
-        self.layers = nn.ModuleList(nn.Linear(i, o) for o, i in self.shape.layers())
+        self.dtype = dtype
+        self._layers: list[tuple[Tensor, Tensor]] = []
+        if params is not None:
+            self.set_flat(params)
 
     @classmethod
-    def from_config(cls, cfg: Config) -> Controller:
-        s = ControllerShape.from_config(cfg)
-        return cls(s.kind, s.z_size, s.hidden_size, s.hidden_units)
-
-    @classmethod
-    def from_flat(
-        cls, vector: np.ndarray, kind: str = "zh", z_size: int = 32, hidden_size: int = 256, hidden_units: int = 40
+    def from_shape(
+        cls, shape: ControllerShape, params: np.ndarray | None = None, dtype: torch.dtype = torch.float32
     ) -> Controller:
-        """A controller whose parameters are the flat `vector` (see the module docstring for the layout)."""
-        return cls(kind, z_size, hidden_size, hidden_units).set_flat(vector)
+        return cls(shape.kind, shape.z_size, shape.hidden_size, shape.hidden_units, params=params, dtype=dtype)
+
+    @classmethod
+    def from_config(cls, cfg: Config, params: np.ndarray | None = None) -> Controller:
+        return cls.from_shape(ControllerShape.from_config(cfg), params)
 
     @property
     def kind(self) -> str:
@@ -139,66 +159,30 @@ class Controller(nn.Module):
 
     @property
     def n_params(self) -> int:
-        return self.shape.n_params
-
-    @torch.no_grad()
-    def set_flat(self, vector: np.ndarray) -> Controller:
-        """Copy a flat parameter vector (P,) into the layers; returns self."""
-        flat = torch.as_tensor(np.asarray(vector), dtype=torch.float32).reshape(-1)
-        for layer, (w, b) in zip(self.layers, _split(flat, self.shape)):
-            layer.weight.copy_(w)
-            layer.bias.copy_(b)
-        return self
-
-    def to_flat(self) -> np.ndarray:
-        """The parameters as one flat float64 vector (P,), the inverse of :meth:`set_flat`."""
-        parts = [t.detach().reshape(-1) for layer in self.layers for t in (layer.weight, layer.bias)]
-        return torch.cat(parts).double().numpy()
-
-    def forward(self, z: Tensor, h: Tensor | None = None) -> Tensor:
-        x = torch.cat([z, h], dim=-1) if self.shape.uses_h else z
-        if self.shape.kind == "z_hidden":
-            x = torch.tanh(self.layers[0](x))
-        return squash(self.layers[-1](x))
-
-
-class BatchedController:
-    """K controllers with K different parameter vectors, applied in one batched product.
-
-    ``set_params(params)`` takes a (K, P) array; ``ctrl(z, h)`` with ``z`` (K, Z) and ``h``
-    (K, H) (or None for the V-only kinds) returns actions (K, 3). With ``index`` (an
-    integer array of n of the K rows) it evaluates only those controllers, on inputs of n
-    rows: rollouts use it to skip the environments that have finished. The weights are held
-    in `dtype` (float32, or float64 for the evaluation's exact driving; inputs must match).
-    """
-
-    def __init__(self, shape: ControllerShape, params: np.ndarray | None = None, dtype: torch.dtype = torch.float32):
-        self.shape, self.dtype = shape, dtype
-        self._layers: list[tuple[Tensor, Tensor]] = []
-        if params is not None:
-            self.set_params(params)
-
-    @classmethod
-    def from_config(cls, cfg: Config, params: np.ndarray | None = None) -> BatchedController:
-        return cls(ControllerShape.from_config(cfg), params)
-
-    @property
-    def n_params(self) -> int:
+        """Parameters of one controller."""
         return self.shape.n_params
 
     def __len__(self) -> int:
         return self._layers[0][0].shape[0] if self._layers else 0
 
-    def set_params(self, params: np.ndarray) -> None:
+    def set_flat(self, params: np.ndarray) -> Controller:
+        """Take K flat parameter vectors (K, P), or one (P,); returns self."""
         flat = torch.as_tensor(np.asarray(params), dtype=self.dtype)
-        if flat.ndim != 2:
-            raise ValueError(f"params must be (K, P), got shape {tuple(flat.shape)}")
+        if flat.ndim not in (1, 2):
+            raise ValueError(f"params must be (P,) or (K, P), got shape {tuple(flat.shape)}")
+        layers = _split(flat.reshape(-1, flat.shape[-1]), self.shape)
         # Contiguous copies: one (K, out, in) weight and one (K, out, 1) bias per layer.
-        self._layers = [(w.contiguous(), b.unsqueeze(-1).contiguous()) for w, b in _split(flat, self.shape)]
+        self._layers = [(w.contiguous(), b.unsqueeze(-1).contiguous()) for w, b in layers]
+        return self
 
-    def __call__(self, z: Tensor, h: Tensor | None = None, index: np.ndarray | None = None) -> Tensor:
+    def to_flat(self) -> np.ndarray:
+        """The parameters as float64 flat vectors (K, P), the inverse of :meth:`set_flat`."""
+        parts = [t.flatten(1) for layer in self._layers for t in layer]
+        return torch.cat(parts, dim=1).double().numpy()
+
+    def __call__(self, z: Tensor, h: Tensor | None = None, index: np.ndarray | slice | None = None) -> Tensor:
         if not self._layers:
-            raise RuntimeError("BatchedController: call set_params first")
+            raise RuntimeError("Controller: call set_flat first")
         x = torch.cat([z, h], dim=-1) if self.shape.uses_h else z
         x = x.unsqueeze(-1)  # (n, in, 1)
         for j, (w, b) in enumerate(self._layers):

@@ -49,7 +49,9 @@ from tqdm.auto import tqdm
 
 from worldmodels.config import Config, DataConfig, EnvConfig
 from worldmodels.env import ACTION_HIGH, ACTION_LOW, make_env
+from worldmodels.parallel import InlineExecutor, make_executor, resolve_workers
 from worldmodels.runs import DONE_FILE, MANIFEST_FILE, RunDir, as_run_dir, open_npz, read_json, save_npz, write_json
+from worldmodels.tasks import Task, make_tasks, run_tasks
 
 log = logging.getLogger(__name__)
 
@@ -271,13 +273,25 @@ def _drive_group(env_cfg: EnvConfig, data_cfg: DataConfig, indices: Sequence[int
     ]
 
 
-def _collect_group(env_cfg: EnvConfig, data_cfg: DataConfig, data_dir: str, indices: list[int]) -> list[Path]:
-    """Drive one vector of environments (:func:`_drive_group`) and write the episode files."""
-    out = []
-    for index, ep in zip(indices, _drive_group(env_cfg, data_cfg, indices)):
-        out.append(episode_path(data_dir, index))
-        save_episode(out[-1], ep)
-    return out
+@dataclass
+class Collector:
+    """A collection worker's state: where and how its episodes are driven and written."""
+
+    env_cfg: EnvConfig
+    data_cfg: DataConfig
+    data_dir: str
+
+
+def collect_task(collector: Collector, task: Task) -> list[int]:
+    """The task function of collection: the task's random-policy episodes as one vector of
+    environments (:func:`_drive_group`), each written to its file; their indices.
+
+    Episode i is the one on the track of seed ``data.seed + i``.
+    """
+    indices = [int(s) - collector.data_cfg.seed for s in task.seeds]
+    for index, ep in zip(indices, _drive_group(collector.env_cfg, collector.data_cfg, indices)):
+        save_episode(episode_path(collector.data_dir, index), ep)
+    return indices
 
 
 def _record_from_file(path: Path) -> dict:
@@ -311,36 +325,31 @@ def _versions() -> dict[str, str]:
 def collect(cfg: Config, run: str | Path | RunDir, *, quiet: bool = False, workers: int | None = None) -> list[Path]:
     """Collect `cfg.data.episodes` random-policy episodes into ``run/data`` in parallel.
 
-    Episode i is driven on the track of seed ``cfg.data.seed + i``. Episodes already on
-    disk are kept, so a second call after an interruption resumes where the first
-    stopped. Returns the episode files.
+    Episode i is driven on the track of seed ``cfg.data.seed + i``. The episodes not yet on
+    disk are split into tasks of ``cfg.data.envs_per_worker`` episodes, run by `workers`
+    local processes (default ``cfg.data.workers``; 0: one per core) that are replaced when
+    they die, each task within ``cfg.data.task_timeout`` seconds. Episodes already on disk
+    are kept, so a second call after an interruption resumes where the first stopped.
+    Returns the episode files.
     """
-    from worldmodels.parallel import local_executor, resolve_workers
-
     run = as_run_dir(run)
     run.bind(cfg)
     data_dir = run.data
     for stray in data_dir.glob(".*.tmp"):  # left by a killed collection; never a finished episode
         stray.unlink()
     todo = [i for i in range(cfg.data.episodes) if not episode_path(data_dir, i).exists()]
-    per = cfg.data.envs_per_worker
-    groups = [todo[k : k + per] for k in range(0, len(todo), per)]
-    n_workers = min(resolve_workers(workers if workers is not None else cfg.data.workers), max(len(groups), 1))
-    bar = tqdm(total=cfg.data.episodes, initial=cfg.data.episodes - len(todo), desc="collect", unit="ep", disable=quiet or None)
-    try:
-        if n_workers <= 1:
-            for g in groups:
-                _collect_group(cfg.env, cfg.data, str(data_dir), g)
-                bar.update(len(g))
-        else:
-            from concurrent.futures import as_completed
-
-            with local_executor(n_workers) as pool:
-                futures = [pool.submit(_collect_group, cfg.env, cfg.data, str(data_dir), g) for g in groups]
-                for fut in as_completed(futures):
-                    bar.update(len(fut.result()))
-    finally:
-        bar.close()
+    seeds = cfg.data.seed + np.array(todo, np.int64)
+    tasks = make_tasks("collect", None, seeds, cfg.data.envs_per_worker, cfg.data.episode_steps)
+    n_workers = min(resolve_workers(workers if workers is not None else cfg.data.workers), max(len(tasks), 1))
+    init_args = (cfg.env, cfg.data, str(data_dir))
+    if n_workers <= 1:
+        executor = InlineExecutor(Collector, init_args)
+    else:
+        executor = make_executor(n_workers, init=Collector, init_args=init_args)
+    done = cfg.data.episodes - len(todo)
+    bar = tqdm(total=cfg.data.episodes, initial=done, desc="collect", unit="ep", disable=quiet or None)
+    with executor, bar:
+        run_tasks(executor, collect_task, tasks, cfg.data.task_timeout, progress=lambda done: bar.update(len(done)))
     write_manifest(cfg, run)
     return [episode_path(data_dir, i) for i in range(cfg.data.episodes)]
 

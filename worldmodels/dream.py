@@ -9,7 +9,7 @@ keeps the controller from exploiting M's mistakes (the paper's VizDoom experimen
 ``tau = 0.1`` scored 193 in the real game, ``tau = 1.15`` scored 1092).
 
 A whole generation, population x episodes dreams, runs as one tensor batch: one
-``(B, Z)`` latent, one LSTM state, one :class:`~worldmodels.controller.BatchedController`
+``(B, Z)`` latent, one LSTM state, one :class:`~worldmodels.controller.Controller`
 call per step.
 
 **Initial latents.** A dream starts from a real latent: the posterior of V at frame
@@ -34,15 +34,16 @@ import torch
 from torch import Tensor
 
 from worldmodels.config import CARRACING_MAX_STEPS, CMAConfig, Config
-from worldmodels.controller import BatchedController, ControllerShape, load_controller, save_controller
+from worldmodels.controller import Controller, ControllerShape, load_controller, save_controller
 from worldmodels.data import EpisodeError, dataset_episodes
-from worldmodels.evolution import Task, evolve, is_finished
+from worldmodels.evolution import evolve, is_finished
 from worldmodels.mdrnn import MDRNN, sample_next_z
 from worldmodels.parallel import InlineExecutor, one_torch_thread
 from worldmodels.runs import (
     BEST_WEIGHTS, DONE_FILE, DREAM_STARTS, DREAM_SUMMARY, RunDir, as_run_dir, load_mdrnn, load_vae, open_npz, read_json,
     save_npz, write_json,
 )
+from worldmodels.tasks import Task
 from worldmodels.vae import frames_to_tensor
 
 INITIAL_FRAME = 50
@@ -117,7 +118,7 @@ class DreamEnv:
 @torch.no_grad()
 def dream_rollout(
     env: DreamEnv,
-    controller: BatchedController,
+    controller: Controller,
     initial_z: Tensor,
     generator: torch.Generator | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -232,9 +233,9 @@ class DreamWorker:
 
 
 def dream_task(worker: DreamWorker, task: Task) -> np.ndarray:
-    """Task function for :func:`worldmodels.evolution.evolve`: all the task's episodes as one batch of dreams."""
+    """The task function of the dream: all the task's episodes as one batch of dreams; their returns (n,)."""
     env = DreamEnv(worker.mdrnn, worker.temperature, task.max_steps)
-    controller = BatchedController(worker.shape, task.params)
+    controller = Controller.from_shape(worker.shape, task.params)
     z0 = initial_z_for_seeds(worker.mu, worker.logvar, task.seeds)
     # Validation dreams are the same every time (the generation is left out of their seed),
     # so that the best mean is chosen on one fixed set of dreams, not on lucky noise.
@@ -342,7 +343,8 @@ def train_controller_in_dream(
     entry = summary.get(key, {})
     real_max_steps = cfg.eval.max_steps if real_max_steps is None else real_max_steps
     if evaluate_real and "real_mean" not in entry:
-        from worldmodels.rollout import Agent, evaluate
+        from worldmodels.evaluation import evaluate
+        from worldmodels.rollout import Agent
 
         agent = Agent.from_run(run, cfg)
         seeds = [cfg.eval.seed + i for i in range(cfg.eval.episodes)]

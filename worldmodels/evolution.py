@@ -1,12 +1,13 @@
-"""Training the controller with CMA-ES: parallel evaluation, checkpoints, resume.
+"""CMA-ES (the ``cma`` package) around a task function, with checkpoints and exact resume.
 
-The core, :func:`evolve`, is CMA-ES (the ``cma`` package) around a *task function*. Each
-generation it asks CMA-ES for ``population`` candidate vectors, splits the
-``population x episodes`` evaluations into :class:`Task` chunks, has an executor
-(:mod:`worldmodels.parallel`) run them, and tells CMA-ES the fitnesses. The same core
-trains the controller in the real environment (:func:`train_controller`), in M's dream
-(:func:`worldmodels.dream.train_controller_in_dream`), and minimises a cheap analytic
-function in the tests (:func:`sphere_task`).
+:func:`evolve` maximises the mean return of controllers over their flat parameter
+vectors. One generation (:func:`generation`) asks CMA-ES for ``population`` candidates,
+has an executor (:mod:`worldmodels.parallel`) run every candidate on the generation's
+tracks as :class:`~worldmodels.tasks.Task` chunks, and tells CMA-ES the fitnesses. The
+task function decides where the episodes happen: the real CarRacing
+(:func:`worldmodels.rollout.train_controller`), M's dream
+(:func:`worldmodels.dream.train_controller_in_dream`), or a cheap analytic function in
+the tests (:func:`sphere_task`).
 """
 
 from __future__ import annotations
@@ -24,9 +25,23 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from worldmodels.config import CMA_VALIDATION_OFFSET, CMAConfig, Config, ConfigError
-from worldmodels.parallel import Executor, TaskFn, make_executor
-from worldmodels.runs import RunDir, as_run_dir, read_json, read_pickle, reading, save_tensors, write_bytes, write_json
+from worldmodels.config import CMA_VALIDATION_OFFSET, CMAConfig, ConfigError
+from worldmodels.parallel import Executor, TaskFn
+from worldmodels.runs import (
+    BEST_WEIGHTS,
+    DONE_FILE,
+    ES_CHECKPOINT,
+    HISTORY_FILE,
+    LAST_WEIGHTS,
+    SELECTION_FILE,
+    read_json,
+    read_pickle,
+    reading,
+    save_tensors,
+    write_bytes,
+    write_json,
+)
+from worldmodels.tasks import Task, make_tasks, run_tasks
 
 VALIDATION_OFFSET = CMA_VALIDATION_OFFSET
 """Validation tracks use seeds ``cma.seed + 500_000 + i``; training tracks stay below them."""
@@ -46,7 +61,7 @@ CHECKPOINT_VERSION = 1
 
 
 # --------------------------------------------------------------------------------------
-# Seeds and tasks
+# Tracks
 # --------------------------------------------------------------------------------------
 def training_seeds(cma: CMAConfig, generation: int) -> np.ndarray:
     """The tracks of `generation`: every candidate is scored on the same ones (common random numbers)."""
@@ -70,79 +85,6 @@ def _check_seed_ranges(cma: CMAConfig) -> None:
             f"cma.generations * cma.episodes_per_candidate = {cma.generations * cma.episodes_per_candidate} "
             f"would reach the validation seeds (cma.seed + {VALIDATION_OFFSET:,}): allowed at most {VALIDATION_OFFSET:,}"
         )
-
-
-def _ranges(values: np.ndarray) -> str:
-    """Compact text for integer arrays: [3-6, 9]."""
-    values = np.asarray(values).reshape(-1)
-    if len(values) == 0:
-        return "[]"
-    parts, start, prev = [], int(values[0]), int(values[0])
-    for v in map(int, values[1:]):
-        if v == prev + 1:
-            prev = v
-            continue
-        parts.append(f"{start}-{prev}" if prev > start else f"{start}")
-        start = prev = v
-    parts.append(f"{start}-{prev}" if prev > start else f"{start}")
-    return "[" + ", ".join(parts) + "]"
-
-
-@dataclass(repr=False)
-class Task:
-    """A chunk of a generation's evaluations: episode ``i`` runs candidate ``candidates[i]``
-    (parameters ``params[i]``) on the track of ``seeds[i]``. The task function returns
-    one return per episode, an array (n,)."""
-
-    kind: str
-    """'train' (a generation's candidates) or 'validate' (the distribution's mean)."""
-    generation: int
-    candidates: np.ndarray
-    params: np.ndarray
-    seeds: np.ndarray
-    max_steps: int
-    early_stop_steps: int = 0
-
-    def __len__(self) -> int:
-        return len(self.seeds)
-
-    def __repr__(self) -> str:
-        return (
-            f"Task({self.kind}, generation={self.generation}, candidates={_ranges(np.unique(self.candidates))}, "
-            f"seeds={_ranges(np.unique(self.seeds))}, episodes={len(self)}, max_steps={self.max_steps})"
-        )
-
-
-def make_tasks(
-    kind: str,
-    generation: int,
-    params: np.ndarray,
-    seeds: np.ndarray,
-    task_size: int,
-    max_steps: int,
-    early_stop_steps: int = 0,
-) -> list[Task]:
-    """Every candidate (row of `params`, (K, P)) on every seed, candidate-major, in tasks of at most `task_size`."""
-    k, e = len(params), len(seeds)
-    cand = np.repeat(np.arange(k), e)
-    seed = np.tile(np.asarray(seeds, np.int64), k)
-    n_tasks = math.ceil(k * e / task_size)
-    return [
-        Task(kind, generation, c, params[c], s, max_steps, early_stop_steps)
-        for c, s in zip(np.array_split(cand, n_tasks), np.array_split(seed, n_tasks))
-    ]
-
-
-def run_tasks(executor: Executor, task_fn: TaskFn, tasks: list[Task], timeout: float | None) -> np.ndarray:
-    """Run `tasks` on `executor` and concatenate their returns, in order."""
-    results = executor.map_tasks(task_fn, tasks, timeout=timeout)
-    out = []
-    for task, r in zip(tasks, results):
-        r = np.asarray(r, dtype=np.float64).reshape(-1)
-        if len(r) != len(task):
-            raise RuntimeError(f"{task!r} returned {len(r)} values for {len(task)} episodes")
-        out.append(r)
-    return np.concatenate(out)
 
 
 # --------------------------------------------------------------------------------------
@@ -254,6 +196,110 @@ def _save_flat(path: Path, params: np.ndarray, metadata: dict[str, str]) -> None
     save_tensors(path, {"params": torch.from_numpy(np.asarray(params, np.float64))}, metadata=metadata)
 
 
+@dataclass
+class Scorer:
+    """Runs episodes of parameter vectors on an executor: what a generation needs besides CMA-ES."""
+
+    task_fn: TaskFn
+    executor: Executor
+    cma: CMAConfig
+    task_size: int
+    """Episodes per task (at most)."""
+    eval_max_steps: int
+    """Length of the validation and selection episodes (training episodes: ``cma.max_steps``)."""
+
+    def returns(self, kind: str, generation: int, params: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+        """Returns (K, E) of every row of `params` on every seed; only 'train' episodes stop early."""
+        train = kind == "train"
+        tasks = make_tasks(
+            kind, params, seeds, self.task_size, self.cma.max_steps if train else self.eval_max_steps,
+            early_stop_steps=self.cma.early_stop_steps if train else 0, generation=generation,
+        )
+        return run_tasks(self.executor, self.task_fn, tasks, self.cma.task_timeout).reshape(len(params), len(seeds))
+
+
+def generation(state: EvolutionState, scorer: Scorer) -> dict[str, Any]:
+    """One generation: ask, score every candidate on the generation's tracks, tell; every
+    ``eval_every`` generations (and after the last) validate the mean and keep the best.
+    Returns the generation's row of the history."""
+    g, cma_cfg, start = state.generation, scorer.cma, time.perf_counter()
+    candidates = np.asarray(state.es.ask(), dtype=np.float64)
+    returns = scorer.returns("train", g, candidates, training_seeds(cma_cfg, g))
+    fitness = returns.mean(axis=1) - cma_cfg.weight_decay * np.mean(candidates**2, axis=1)
+    state.es.tell(list(candidates), list(-fitness))  # cma minimises
+    row: dict[str, Any] = {
+        "generation": g, "fitness_mean": float(fitness.mean()), "fitness_max": float(fitness.max()),
+        "fitness_min": float(fitness.min()), "fitness_std": float(fitness.std()), "sigma": float(state.es.sigma),
+        "val_mean": None, "val_std": None,
+    }
+    if (g + 1) % cma_cfg.eval_every == 0 or g + 1 == cma_cfg.generations:
+        mean = state.mean
+        val = scorer.returns("validate", g, mean[None], validation_seeds(cma_cfg))[0]
+        row["val_mean"], row["val_std"] = float(val.mean()), float(val.std())
+        state.validated.append({**{k: row[k] for k in ("generation", "val_mean", "val_std")}, "params": mean})
+        if row["val_mean"] > state.best_score:
+            state.best_params, state.best_score, state.best_generation = mean, row["val_mean"], g
+    row["seconds"] = round(time.perf_counter() - start, 3)
+    state.history.append(row)
+    state.generation = g + 1
+    return row
+
+
+@dataclass
+class Checkpoint:
+    """An evolution's files in `folder` (none when None), each name after `prefix` (runs in a
+    dream at several temperatures share a folder)."""
+
+    folder: Path | None
+    prefix: str = ""
+    save_params: Callable[[Path, np.ndarray, dict[str, str]], None] = _save_flat
+    """Writes a flat parameter vector with its metadata (a controller file, say)."""
+
+    def path(self, name: str) -> Path:
+        return self.folder / f"{self.prefix}{name}"
+
+    def load(self, n_params: int, cma_cfg: CMAConfig) -> EvolutionState | None:
+        """The state saved after the last finished generation, None when there is none."""
+        if self.folder is None or not self.path(ES_CHECKPOINT).exists():
+            return None
+        state = load_checkpoint(self.path(ES_CHECKPOINT))
+        if state.es.N != n_params or state.es.popsize != cma_cfg.population:
+            raise RuntimeError(
+                f"{self.path(ES_CHECKPOINT)}: a checkpoint for {state.es.N} parameters and population "
+                f"{state.es.popsize}, asked for {n_params} and {cma_cfg.population}; use a new run directory"
+            )
+        return state
+
+    def save(self, state: EvolutionState, row: dict[str, Any]) -> None:
+        """After a generation: the best mean (when it changed), the last mean, the history, and the
+        ES last, so that the checkpoint never runs ahead of the other files."""
+        if self.folder is None:
+            return
+        g = row["generation"]
+        if state.best_generation == g:
+            meta = {"generation": str(g), "val_mean": repr(row["val_mean"]), "val_std": repr(row["val_std"])}
+            self.save_params(self.path(BEST_WEIGHTS["controller"]), state.best_params, meta)
+        self.save_params(self.path(LAST_WEIGHTS), state.mean, {"generation": str(g)})
+        write_bytes(self.path(HISTORY_FILE), history_csv(state.history).encode())
+        save_checkpoint(self.path(ES_CHECKPOINT), state)
+
+    def save_selection(self, state: EvolutionState) -> None:
+        if self.folder is None:
+            return
+        meta = {"generation": str(state.best_generation), "selection_score": repr(state.best_score)}
+        self.save_params(self.path(BEST_WEIGHTS["controller"]), state.best_params, meta)
+        write_json(self.path(SELECTION_FILE), state.selection)
+        save_checkpoint(self.path(ES_CHECKPOINT), state)
+
+    def mark_done(self, state: EvolutionState) -> None:
+        if self.folder is None or _finished_generations(self.path(DONE_FILE)) == state.generation:
+            return
+        write_json(
+            self.path(DONE_FILE),
+            {"generations": state.generation, "best_score": state.best_score, "best_generation": state.best_generation},
+        )
+
+
 def evolve(
     task_fn: TaskFn,
     n_params: int,
@@ -269,129 +315,56 @@ def evolve(
     quiet: bool = False,
     desc: str = "CMA-ES",
 ) -> EvolutionResult:
-    """Maximise the mean return of `task_fn` over controller parameters with CMA-ES.
+    """Maximise the mean return of `task_fn` over `n_params` parameters with CMA-ES.
 
-    Each generation ``g``:
+    Each generation (:func:`generation`) scores ``population`` candidates on the same
+    ``episodes_per_candidate`` tracks (:func:`training_seeds`), in tasks of at most
+    `task_size` episodes (default ``cma_cfg.envs_per_worker``) that `executor` runs as
+    ``task_fn(worker_state, task) -> returns (n,)``; the fitness is the mean return minus
+    ``weight_decay * mean(theta^2)``. The mean is validated on fixed tracks
+    (:func:`validation_seeds`, episodes of `eval_max_steps`, default ``cma_cfg.max_steps``,
+    without early termination) and the best validated mean kept; after the last generation,
+    with ``select_top``, :func:`select_final` chooses among the best validated means.
 
-    1. ``X = es.ask()``: ``population`` candidates of `n_params` parameters;
-    2. every candidate plays ``episodes_per_candidate`` episodes on the *same* tracks
-       :func:`training_seeds` ``(cma_cfg, g)``, split into :class:`Task` chunks of at most
-       `task_size` episodes (default ``cma_cfg.envs_per_worker``) and run on `executor`
-       as ``task_fn(worker_state, task) -> returns (n,)``;
-    3. ``fitness_k = mean_e R_ke - weight_decay * mean(theta_k^2)``; ``es.tell(X, -fitness)``
-       (``cma`` minimises);
-    4. every ``eval_every`` generations (and after the last) ``es.mean`` plays the fixed
-       :func:`validation_seeds` without early termination, for at most `eval_max_steps`
-       steps (default ``cma_cfg.max_steps``: CarRacing's full 1,000 in the ``book`` and
-       ``paper`` presets); the best mean by
-       validation score is kept (``{prefix}best.safetensors``); after the last
-       generation, with ``select_top``, :func:`select_final` re-scores the best validated
-       means on more validation tracks and keeps the winner (``{prefix}selection.json``);
-    5. with a `checkpoint_dir`, ``{prefix}es.pkl`` (the pickled ES, generation, best,
-       history, RNG states), ``{prefix}history.csv`` and ``{prefix}last.safetensors``
-       (the current mean) are written atomically.
-
-    Called again with a `checkpoint_dir` that holds a checkpoint, it continues after the
-    last finished generation with the same mean, covariance and step size, and draws
-    the same candidates the uninterrupted run would have; once all
-    ``cma_cfg.generations`` are done it only loads and returns (with a larger
-    ``generations`` than before, a finished run goes on). `max_generations` stops
-    earlier (the run can be continued later).
+    With a `checkpoint_dir`, every generation writes ``{prefix}es.pkl`` (the pickled ES,
+    history and RNG states), ``{prefix}history.csv``, ``{prefix}last.safetensors`` and,
+    when it improves, ``{prefix}best.safetensors`` (through `save_params`); a finished run
+    writes ``{prefix}done.json`` (and ``{prefix}selection.json``). Called again, it goes on
+    after the last finished generation and draws the candidates the uninterrupted run
+    would have; once ``cma_cfg.generations`` are done it only loads (a larger
+    ``generations`` goes on). `max_generations` stops earlier (to be continued later).
     """
     _check_seed_ranges(cma_cfg)
-    save_params = save_params or _save_flat
-    task_size = task_size or cma_cfg.envs_per_worker
-    eval_max_steps = eval_max_steps or cma_cfg.max_steps
-    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    ckpt_path = ckpt_dir / f"{prefix}es.pkl" if ckpt_dir else None
-
-    if ckpt_path is not None and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path)
-        if state.es.N != n_params or state.es.popsize != cma_cfg.population:
-            raise RuntimeError(
-                f"{ckpt_path}: a checkpoint for {state.es.N} parameters and population {state.es.popsize}, "
-                f"asked for {n_params} and {cma_cfg.population}; use a new run directory"
-            )
-    else:
-        state = EvolutionState(es=new_es(n_params, cma_cfg))
-
+    files = Checkpoint(Path(checkpoint_dir) if checkpoint_dir is not None else None, prefix, save_params or _save_flat)
+    task_size, eval_max_steps = task_size or cma_cfg.envs_per_worker, eval_max_steps or cma_cfg.max_steps
+    scorer = Scorer(task_fn, executor, cma_cfg, task_size, eval_max_steps)
+    state = files.load(n_params, cma_cfg) or EvolutionState(es=new_es(n_params, cma_cfg))
     stop = cma_cfg.generations if max_generations is None else min(cma_cfg.generations, max_generations)
-    bar = tqdm(total=stop, initial=min(state.generation, stop), desc=desc, disable=quiet, leave=False)
-    try:
-        for g in range(state.generation, stop):
-            t0 = time.perf_counter()
-            es = state.es
-            X = np.asarray(es.ask(), dtype=np.float64)
-            seeds = training_seeds(cma_cfg, g)
-            tasks = make_tasks("train", g, X, seeds, task_size, cma_cfg.max_steps, cma_cfg.early_stop_steps)
-            returns = run_tasks(executor, task_fn, tasks, cma_cfg.task_timeout).reshape(len(X), len(seeds))
-            fitness = returns.mean(axis=1) - cma_cfg.weight_decay * np.mean(X**2, axis=1)
-            es.tell(list(X), list(-fitness))
-
-            row: dict[str, Any] = {
-                "generation": g,
-                "fitness_mean": float(fitness.mean()),
-                "fitness_max": float(fitness.max()),
-                "fitness_min": float(fitness.min()),
-                "fitness_std": float(fitness.std()),
-                "sigma": float(es.sigma),
-                "val_mean": None,
-                "val_std": None,
-            }
-            if (g + 1) % cma_cfg.eval_every == 0 or g + 1 == cma_cfg.generations:
-                mean = state.mean
-                val_tasks = make_tasks(
-                    "validate", g, mean[None], validation_seeds(cma_cfg), task_size, eval_max_steps, 0
-                )
-                val = run_tasks(executor, task_fn, val_tasks, cma_cfg.task_timeout)
-                row["val_mean"], row["val_std"] = float(val.mean()), float(val.std())
-                state.validated.append({"generation": g, "val_mean": row["val_mean"], "val_std": row["val_std"], "params": mean})
-                if row["val_mean"] > state.best_score:
-                    state.best_params, state.best_score, state.best_generation = mean, row["val_mean"], g
-                    if ckpt_dir is not None:
-                        meta = {"generation": str(g), "val_mean": repr(row["val_mean"]), "val_std": repr(row["val_std"])}
-                        save_params(ckpt_dir / f"{prefix}best.safetensors", mean, meta)
-            row["seconds"] = round(time.perf_counter() - t0, 3)
-            state.history.append(row)
-            state.generation = g + 1
-
-            if ckpt_dir is not None:
-                save_params(ckpt_dir / f"{prefix}last.safetensors", state.mean, {"generation": str(g)})
-                write_bytes(ckpt_dir / f"{prefix}history.csv", history_csv(state.history).encode())
-                save_checkpoint(ckpt_path, state)  # last: the checkpoint never runs ahead of the files above
+    with tqdm(total=stop, initial=min(state.generation, stop), desc=desc, disable=quiet, leave=False) as bar:
+        while state.generation < stop:
+            row = generation(state, scorer)
+            files.save(state, row)
             bar.update(1)
-            post = {"fit": f"{row['fitness_mean']:.1f}/{row['fitness_max']:.1f}", "sigma": f"{row['sigma']:.3g}"}
-            if row["val_mean"] is not None:
-                post["val"] = f"{row['val_mean']:.1f}"
-            bar.set_postfix(post)
-    finally:
-        bar.close()
-
+            bar.set_postfix(_postfix(row))
     finished = state.generation >= cma_cfg.generations
     if finished and cma_cfg.select_top and (state.selection or {}).get("generation") != state.generation:
-        select_final(state, task_fn, cma_cfg, executor, task_size, eval_max_steps)
-        if ckpt_dir is not None:
-            meta = {"generation": str(state.best_generation), "selection_score": repr(state.best_score)}
-            save_params(ckpt_dir / f"{prefix}best.safetensors", state.best_params, meta)
-            write_json(ckpt_dir / f"{prefix}selection.json", state.selection)
-            save_checkpoint(ckpt_path, state)
-    if finished and ckpt_dir is not None and _finished_generations(ckpt_dir / f"{prefix}done.json") != state.generation:
-        write_json(
-            ckpt_dir / f"{prefix}done.json",
-            {"generations": state.generation, "best_score": state.best_score, "best_generation": state.best_generation},
-        )
+        select_final(state, scorer)
+        files.save_selection(state)
+    if finished:
+        files.mark_done(state)
     best = state.best_params if state.best_params is not None else state.mean
     return EvolutionResult(best, state.best_score, state.mean, state.generation, state.history, state.es, finished)
 
 
-def select_final(
-    state: EvolutionState,
-    task_fn: TaskFn,
-    cma_cfg: CMAConfig,
-    executor: Executor,
-    task_size: int,
-    max_steps: int,
-) -> dict:
+def _postfix(row: dict[str, Any]) -> dict[str, str]:
+    """What the progress bar shows of a generation."""
+    post = {"fit": f"{row['fitness_mean']:.1f}/{row['fitness_max']:.1f}", "sigma": f"{row['sigma']:.3g}"}
+    if row["val_mean"] is not None:
+        post["val"] = f"{row['val_mean']:.1f}"
+    return post
+
+
+def select_final(state: EvolutionState, scorer: Scorer) -> dict:
     """Choose the final controller among the validated means more reliably than one validation allows.
 
     The ``select_top`` validated means with the highest validation scores (the best mean so
@@ -400,6 +373,7 @@ def select_final(
     validation and selection tracks together. It becomes ``state.best_params``;
     ``state.selection`` records every candidate's scores.
     """
+    cma_cfg = scorer.cma
     candidates = {v["generation"]: v for v in state.validated}
     if state.best_params is not None and state.best_generation not in candidates:
         # validated before the checkpoint kept every validated mean: the best one is still known
@@ -410,9 +384,7 @@ def select_final(
         }
     top = sorted(candidates.values(), key=lambda v: v["val_mean"], reverse=True)[: cma_cfg.select_top]
     seeds = selection_seeds(cma_cfg)
-    params = np.stack([v["params"] for v in top])
-    tasks = make_tasks("select", state.generation, params, seeds, task_size, max_steps, 0)
-    returns = run_tasks(executor, task_fn, tasks, cma_cfg.task_timeout).reshape(len(top), len(seeds))
+    returns = scorer.returns("select", state.generation, np.stack([v["params"] for v in top]), seeds)
     n_val = cma_cfg.eval_episodes
     rows = []
     for v, r in zip(top, returns):
@@ -445,12 +417,12 @@ def _finished_generations(done_path: Path) -> int | None:
 
 def is_finished(folder: Path, cma_cfg: CMAConfig, prefix: str = "") -> bool:
     """True when ``folder`` holds a finished run of at least ``cma_cfg.generations`` generations."""
-    folder = Path(folder)
-    done = _finished_generations(folder / f"{prefix}done.json")
-    if done is None or done < cma_cfg.generations or not (folder / f"{prefix}best.safetensors").exists():
+    files = Checkpoint(Path(folder), prefix)
+    done = _finished_generations(files.path(DONE_FILE))
+    if done is None or done < cma_cfg.generations or not files.path(BEST_WEIGHTS["controller"]).exists():
         return False
     if cma_cfg.select_top:  # the final selection must have run on the last generation
-        selection = folder / f"{prefix}selection.json"
+        selection = files.path(SELECTION_FILE)
         return selection.exists() and read_json(selection)["generation"] == done
     return True
 
@@ -459,113 +431,12 @@ def is_finished(folder: Path, cma_cfg: CMAConfig, prefix: str = "") -> bool:
 # An analytic problem for tests and demonstrations
 # --------------------------------------------------------------------------------------
 SPHERE_SHIFT = np.array([0.5, -0.3, 0.2, 0.4, -0.1])
-"""The optimum of :func:`sphere_task` when its worker state gives none."""
 
 
 def sphere_task(shift: np.ndarray | None, task: Task) -> np.ndarray:
-    """Task function of a shifted sphere: "return" = ``-|theta - shift|^2`` (max 0 at theta = shift).
+    """Task function of a shifted sphere: "return" = -|theta - shift|^2 (max 0 at theta = shift).
 
     The worker state is the shift (default :data:`SPHERE_SHIFT`); seeds are ignored.
     """
     shift = SPHERE_SHIFT if shift is None else np.asarray(shift)
     return -np.sum((task.params - shift) ** 2, axis=1)
-
-
-# --------------------------------------------------------------------------------------
-# The controller in the real environment
-# --------------------------------------------------------------------------------------
-def _worker_agent(vae_state: dict, mdrnn_state: dict, cfg: Config):
-    """Worker initializer: V, M and the environments' config, built once per worker."""
-    from worldmodels.rollout import Agent
-
-    return Agent.from_weights(vae_state, mdrnn_state, cfg), cfg.env
-
-
-def rollout_task(state: tuple, task: Task) -> np.ndarray:
-    """Task function of the real environment: one vector of ``len(task)`` CarRacing envs."""
-    from worldmodels.rollout import rollout
-
-    agent, env_cfg = state
-    result = rollout(
-        agent, task.params, task.seeds, env_cfg, max_steps=task.max_steps, early_stop_steps=task.early_stop_steps
-    )
-    return np.asarray(result.returns, dtype=np.float64)
-
-
-def _model_states(run: RunDir, cfg: Config) -> tuple[dict, dict | None]:
-    """V's and M's state dicts from the run (CPU tensors, sent to the workers once)."""
-    from worldmodels.rollout import Agent
-
-    vae_state, mdrnn_state, _ = Agent.from_run(run, cfg).init_args()
-    return vae_state, mdrnn_state
-
-
-def train_controller(
-    cfg: Config,
-    run: str | Path | RunDir,
-    *,
-    quiet: bool = False,
-    max_generations: int | None = None,
-    executor: Executor | None = None,
-) -> np.ndarray:
-    """Evolve the controller C with CMA-ES in the real CarRacing-v3, V and M frozen.
-
-    Pseudocode (one generation; ``P`` = C's parameters, ``K`` = ``cfg.cma.population``,
-    ``E`` = ``cfg.cma.episodes_per_candidate``)::
-
-        theta_1..theta_K ~ N(m, sigma^2 C)                    # es.ask()
-        tracks = seeds s_g..s_g+E-1, the same for all K       # common random numbers
-        F_k = mean_e return(theta_k, track_e) - 0.01 * mean(theta_k^2)
-        es.tell(theta, -F)                                    # CMA-ES minimises
-        every eval_every generations: score m on eval_episodes fixed validation tracks,
-                                      keep the best m as run/controller/best.safetensors
-
-    The ``K x E`` episodes are split into tasks of ``cfg.cma.envs_per_worker`` episodes;
-    a worker runs one task as one vector of environments with V, M and the task's
-    controllers batched across them. Workers are local processes
-    (``cfg.cma.workers``), or a Dask cluster when ``cfg.cma.scheduler`` is an address;
-    each builds V and M once. Episodes end after ``cfg.cma.max_steps`` steps, or
-    ``cfg.cma.early_stop_steps`` steps without a new tile; validation episodes run
-    ``cfg.cma.max_steps`` steps (1,000, CarRacing's full episode, but in ``tiny``) without early termination.
-
-    Writes to ``run/controller/``: ``es.pkl`` (checkpoint, every generation),
-    ``history.csv``, ``best.safetensors``, ``last.safetensors``, ``done.json``. Resumes
-    an interrupted run exactly; when finished, only loads.
-
-    Returns the best controller's flat parameters (P,).
-    """
-    from worldmodels.controller import ControllerShape, load_controller, save_controller
-
-    run = as_run_dir(run)
-    cfg = run.bind(cfg)
-    out = run.controller
-    if is_finished(out, cfg.cma):
-        return load_controller(out / "best.safetensors").params
-
-    shape = ControllerShape.from_config(cfg)
-
-    def save(path: Path, params: np.ndarray, metadata: dict[str, str]) -> None:
-        save_controller(path, params, shape, metadata)
-
-    own = executor is None
-    if own:
-        vae_state, mdrnn_state = _model_states(run, cfg)
-        executor = make_executor(
-            cfg.cma.workers, cfg.cma.scheduler, init=_worker_agent, init_args=(vae_state, mdrnn_state, cfg)
-        )
-    try:
-        result = evolve(
-            rollout_task,
-            shape.n_params,
-            cfg.cma,
-            executor,
-            checkpoint_dir=out,
-            max_generations=max_generations,
-            save_params=save,
-            quiet=quiet,
-            desc="train-controller",
-        )
-    finally:
-        if own:
-            executor.close()
-    return result.best_params

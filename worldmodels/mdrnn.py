@@ -128,12 +128,17 @@ class MDRNN(nn.Module):
         :meth:`forward` (gate order i, f, g, o as in ``nn.LSTM``), so stepping T times
         gives the same result as one call of :meth:`forward` on the sequence.
         """
+        state = self.cell(z, action, state)
+        return self._heads(state[0]), state
+
+    def cell(self, z: Tensor, action: Tensor, state: LSTMState | None = None) -> LSTMState:
+        """The LSTM cell of :meth:`step` without the heads: the next state ``(h, c)``, all a
+        controller reads (rollouts in the real environment need nothing more)."""
         h, c = self.initial_state(z.shape[0], z.device) if state is None else state
         gates = self._inputs(z, action) @ self.lstm.weight_ih_l0.T + h @ self.lstm.weight_hh_l0.T
         i, f, g, o = gates.chunk(4, dim=-1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h = torch.sigmoid(o) * torch.tanh(c)
-        return self._heads(h), (h, c)
+        return torch.sigmoid(o) * torch.tanh(c), c
 
 
 def mdn_loss(out: MDNOutput, z_next: Tensor, reduction: str = "mean") -> Tensor:

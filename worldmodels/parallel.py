@@ -1,10 +1,10 @@
 """Executors for the CPU-bound work: local worker processes by default, Dask when asked.
 
-Evolution hands a generation's rollouts to an executor as a list of *tasks* and gets the
-results back in order::
+Collection, evolution and evaluation hand their episodes to an executor as a list of
+*tasks* (:class:`worldmodels.tasks.Task`) and get the results back in order::
 
-    with make_executor(workers=4, init=build_agent, init_args=(vae_state, mdrnn_state, cfg)) as ex:
-        returns = ex.map_tasks(run_task, tasks, timeout=600)   # run_task(agent, task) in the workers
+    with make_executor(workers=4, init=rollout_worker, init_args=(vae_state, mdrnn_state, cfg)) as ex:
+        returns = ex.map_tasks(rollout_task, tasks, timeout=600)   # rollout_task(worker, task) in the workers
 
 Three things that earlier World Models implementations got wrong are handled here:
 
@@ -36,6 +36,8 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 
 TaskFn = Callable[[Any, Any], Any]
 """``fn(state, task) -> result``, where ``state`` is what the executor's ``init`` returned."""
+Progress = Callable[[Any], None]
+"""Called with each task's result as it finishes (a progress bar's update, say)."""
 
 
 class TaskError(RuntimeError):
@@ -97,11 +99,6 @@ def mp_context() -> mp.context.BaseContext:
     return mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
 
 
-def local_executor(workers: int) -> ProcessPoolExecutor:
-    """A pool of `workers` processes, each using one torch thread."""
-    return ProcessPoolExecutor(max_workers=resolve_workers(workers), mp_context=mp_context(), initializer=_init_worker)
-
-
 def describe_task(index: int, task: Any, limit: int = 300) -> str:
     """``task #index: repr(task)``, shortened to `limit` characters."""
     text = repr(task)
@@ -116,8 +113,11 @@ class Executor(Protocol):
     workers: int
     """How many tasks run at once (used to size the tasks)."""
 
-    def map_tasks(self, fn: TaskFn, tasks: Sequence[Any], timeout: float | None = None) -> list[Any]:
-        """``[fn(state, task) for task in tasks]``, computed in the workers, in order."""
+    def map_tasks(
+        self, fn: TaskFn, tasks: Sequence[Any], timeout: float | None = None, progress: Progress | None = None
+    ) -> list[Any]:
+        """``[fn(state, task) for task in tasks]``, computed in the workers, in order; ``progress(result)``
+        is called as each task finishes."""
         ...
 
     def close(self) -> None: ...
@@ -152,11 +152,18 @@ class InlineExecutor(_ExecutorBase):
         self._state: Any = None
         self._ready = False
 
-    def map_tasks(self, fn: TaskFn, tasks: Sequence[Any], timeout: float | None = None) -> list[Any]:
+    def map_tasks(
+        self, fn: TaskFn, tasks: Sequence[Any], timeout: float | None = None, progress: Progress | None = None
+    ) -> list[Any]:
         if not self._ready:
             self._state = self._init(*self._init_args) if self._init is not None else None
             self._ready = True
-        return [fn(self._state, task) for task in tasks]
+        results = []
+        for task in tasks:
+            results.append(fn(self._state, task))
+            if progress is not None:
+                progress(results[-1])
+        return results
 
 
 # --------------------------------------------------------------------------------------
@@ -218,7 +225,9 @@ class LocalExecutor(_ExecutorBase):
                 p.kill()
         pool.shutdown(wait=True, cancel_futures=True)
 
-    def map_tasks(self, fn: TaskFn, tasks: Sequence[Any], timeout: float | None = None) -> list[Any]:
+    def map_tasks(
+        self, fn: TaskFn, tasks: Sequence[Any], timeout: float | None = None, progress: Progress | None = None
+    ) -> list[Any]:
         tasks = list(tasks)
         results: list[Any] = [None] * len(tasks)
         attempts = [0] * len(tasks)
@@ -244,9 +253,12 @@ class LocalExecutor(_ExecutorBase):
                     except BrokenProcessPool:
                         broken = True
                         self._retry_or_raise(i, tasks[i], attempts[i], queue)
+                        continue
                     except Exception as e:
                         e.add_note(f"raised by {describe_task(i, tasks[i])}")
                         raise
+                    if progress is not None:
+                        progress(results[i])
                 if broken:
                     # Every task still in the broken pool is lost with it: run them again.
                     for fut, (i, _) in list(running.items()):
@@ -352,7 +364,9 @@ class DaskExecutor(_ExecutorBase):
         threads = self.client.nthreads()
         self.workers = max(1, sum(threads.values()))
 
-    def map_tasks(self, fn: TaskFn, tasks: Sequence[Any], timeout: float | None = None) -> list[Any]:
+    def map_tasks(
+        self, fn: TaskFn, tasks: Sequence[Any], timeout: float | None = None, progress: Progress | None = None
+    ) -> list[Any]:
         tasks = list(tasks)
         futures = [
             self.client.submit(
@@ -383,6 +397,8 @@ class DaskExecutor(_ExecutorBase):
                     except Exception as e:
                         e.add_note(f"raised by {describe_task(i, tasks[i])}")
                         raise
+                    if progress is not None:
+                        progress(results[i])
         finally:
             for fut in pending:
                 fut.cancel()

@@ -17,6 +17,28 @@ from torch import Tensor, nn
 from worldmodels.config import Config
 
 
+class MatmulConv2d(nn.Conv2d):
+    """``nn.Conv2d`` (no padding, no dilation, one group) computed as one matrix product over
+    its receptive fields: the same function, weights and state-dict keys.
+
+    For a convolution with few output pixels, such as V's last one (2x2), this is about
+    twice as fast on a CPU as the convolution kernels, which are made for large images.
+    A channels-last input and weight (as rollouts use them) need no copy of the weight.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1):
+        super().__init__(in_channels, out_channels, kernel_size, stride)
+
+    def forward(self, x: Tensor) -> Tensor:
+        (k, _), (s, _) = self.kernel_size, self.stride
+        rows, cols = range(0, x.shape[-2] - k + 1, s), range(0, x.shape[-1] - k + 1, s)
+        x = x.permute(0, 2, 3, 1)  # (N, H, W, C): each receptive field reads k rows of k * C values
+        fields = torch.stack([x[:, i : i + k, j : j + k] for i in rows for j in cols], dim=1)
+        weight = self.weight.permute(0, 2, 3, 1).reshape(self.out_channels, -1)  # the same (h, w, c) order
+        out = torch.addmm(self.bias, fields.reshape(-1, weight.shape[1]), weight.T)
+        return out.view(len(x), len(rows), len(cols), -1).permute(0, 3, 1, 2)
+
+
 class VAE(nn.Module):
     """The paper's convolutional VAE ("V").
 
@@ -48,7 +70,7 @@ class VAE(nn.Module):
             nn.ReLU(),
             nn.Conv2d(64, 128, kernel_size=4, stride=2),
             nn.ReLU(),
-            nn.Conv2d(128, 256, kernel_size=4, stride=2),
+            MatmulConv2d(128, 256, kernel_size=4, stride=2),
             nn.ReLU(),
             nn.Flatten(),
         )

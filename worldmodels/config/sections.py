@@ -145,6 +145,8 @@ class DataConfig(_Section):
     """Worker processes (0: one per CPU core)."""
     envs_per_worker: int = _bounded(4, 1, 256, runtime=True)
     """Environments stepped together in each worker."""
+    task_timeout: float = _bounded(1800.0, 1.0, runtime=True)
+    """Seconds before a stuck collection task (one vector of episodes) raises an error naming it."""
     skip_corrupt: bool = _runtime(False)
     """Skip corrupt or truncated episode files with a warning instead of stopping with an error."""
 

@@ -183,7 +183,7 @@ def export(
     With `evaluate`, the shipped weights themselves are evaluated with the run's protocol
     (``eval.episodes`` tracks from ``eval.seed``, every core) into the shipped
     ``eval/results.json``, which ``python -m worldmodels evaluate --pretrained NAME`` then
-    reproduces on any CPU (the evaluation drives exactly, see :mod:`worldmodels.rollout`).
+    reproduces on any CPU (the evaluation drives exactly, see :mod:`worldmodels.evaluation`).
     When the run has an evaluation of the same tracks, the returns must be the same: the
     shipped weights drive like the run's, or a :class:`ValueError` names both files.
 
@@ -229,7 +229,7 @@ def _evaluate_shipped(folder: Path, run_results: Path) -> None:
     """Evaluate the weights in `folder` (a run layout) into its eval/results.json, checked
     against the run's own evaluation `run_results` where it has one of the same tracks; when
     they agree, the run's evaluation (and the wall time it took) is the one shipped."""
-    from worldmodels.rollout import evaluate_run
+    from worldmodels.evaluation import evaluate_run
 
     shipped = evaluate_run(folder)
     own = read_json(run_results) if run_results.exists() else {}
