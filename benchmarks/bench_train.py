@@ -36,7 +36,8 @@ import torch
 
 from worldmodels import train
 from worldmodels.config import preset
-from worldmodels.data import Episode, collect, episode_path, save_latents
+from worldmodels.data import Episode, collect, episode_path
+from worldmodels.datasets import save_latents
 from worldmodels.mdrnn import MDRNN
 from worldmodels.runs import RunDir, write_json
 from worldmodels.vae import VAE, vae_loss

@@ -13,7 +13,8 @@ import pytest
 from worldmodels import pretrained
 from worldmodels.cli import main
 from worldmodels.config import preset
-from worldmodels.data import Episode, EpisodeError, episode_path, save_episode, save_latents
+from worldmodels.data import Episode, EpisodeError, episode_path, save_episode
+from worldmodels.datasets import save_latents
 from worldmodels.evolution import load_checkpoint
 from worldmodels.parallel import TaskError
 from worldmodels.runs import (

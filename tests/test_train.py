@@ -12,7 +12,8 @@ from safetensors import safe_open
 
 from worldmodels import cli, fit, train
 from worldmodels.config import ConfigError, preset, resolve_device
-from worldmodels.data import collect, episode_files, load_episode, load_latents
+from worldmodels.data import collect, episode_files, load_episode
+from worldmodels.datasets import load_latents
 from worldmodels.data import EpisodeError
 from worldmodels.mdrnn import MDRNN
 from worldmodels.runs import RunDir, RunDirError, load_mdrnn, load_tensors, load_vae, read_json
@@ -302,7 +303,7 @@ def test_cli_end_to_end(tmp_path, data_run, capsys):
 
 
 def test_sequence_cache_gives_the_same_items(trained_run):
-    from worldmodels.data import SequenceDataset
+    from worldmodels.datasets import SequenceDataset
 
     files = sorted((trained_run / "latents").glob("episode_*.npz"))
     plain, cached = SequenceDataset(files, 16), SequenceDataset(files, 16, cache_episodes=2)

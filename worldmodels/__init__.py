@@ -12,7 +12,7 @@ FAST_CARRACING_ID = "worldmodels/CarRacing-v3"
 """Gymnasium id of the package's bit-identical, faster CarRacing-v3 renderer."""
 
 _SUBMODULES = (
-    "ablations", "carracing", "checkpoint", "cli", "config", "controller", "data", "dream", "env", "evaluation",
+    "ablations", "carracing", "checkpoint", "cli", "config", "controller", "data", "datasets", "dream", "env", "evaluation",
     "evolution", "fit", "mdrnn", "parallel", "prefetch", "pretrained", "rollout", "runs", "tasks", "train", "vae",
     "viz", "webmodels", "webwidgets", "widgets",
 )

@@ -120,7 +120,8 @@ class Controller:
     squashed actions (K, 3). A single controller is K = 1.
 
     With ``index`` (an integer array of n of the K rows, or a slice) only those controllers act,
-    on inputs of n rows: rollouts use it to skip the environments that have finished. The weights are
+    on inputs of n rows: rollouts use it to skip the environments that have finished. A single
+    controller (K = 1) acts on any number of input rows. The weights are
     held in `dtype` (float32, or float64 for the evaluation's exact driving; inputs must match).
 
     >>> Controller("zh").set_flat(np.zeros(867))(torch.zeros(1, 32), torch.zeros(1, 256))
@@ -188,6 +189,8 @@ class Controller:
         for j, (w, b) in enumerate(self._layers):
             if index is not None:
                 w, b = w[index], b[index]
+            elif len(w) == 1 < len(x):  # one controller acting on a batch of inputs
+                w, b = w.expand(len(x), -1, -1), b.expand(len(x), -1, -1)
             x = torch.baddbmm(b, w, x)
             if j < len(self._layers) - 1:
                 x = torch.tanh(x)

@@ -259,7 +259,7 @@ class DreamResult:
     dream_return: float
     """Its mean return on the dream's validation seeds."""
     real: dict[str, Any] | None
-    """Its evaluation in the real environment (:class:`worldmodels.rollout.EvalResult` as a dict)."""
+    """Its evaluation in the real environment (:class:`worldmodels.evaluation.EvalResult` as a dict)."""
 
 
 def dream_cma(cfg: Config) -> CMAConfig:

@@ -431,10 +431,11 @@ def is_finished(folder: Path, cma_cfg: CMAConfig, prefix: str = "") -> bool:
 # An analytic problem for tests and demonstrations
 # --------------------------------------------------------------------------------------
 SPHERE_SHIFT = np.array([0.5, -0.3, 0.2, 0.4, -0.1])
+"""The optimum of the test problem :func:`sphere_task` (5 dimensions)."""
 
 
 def sphere_task(shift: np.ndarray | None, task: Task) -> np.ndarray:
-    """Task function of a shifted sphere: "return" = -|theta - shift|^2 (max 0 at theta = shift).
+    """Task function of a shifted sphere: the "return" is ``-|theta - shift|^2`` (max 0 at theta = shift).
 
     The worker state is the shift (default :data:`SPHERE_SHIFT`); seeds are ignored.
     """

@@ -35,15 +35,8 @@ from tqdm.auto import tqdm
 
 from worldmodels.checkpoint import saved_step
 from worldmodels.config import Config, resolve_device
-from worldmodels.data import (
-    FrameDataset,
-    SequenceDataset,
-    episode_path,
-    latent_path,
-    load_or_skip,
-    save_latents,
-    split_episodes,
-)
+from worldmodels.data import episode_path, load_or_skip, split_episodes
+from worldmodels.datasets import FrameDataset, SequenceDataset, latent_path, save_latents
 from worldmodels.fit import CHECKPOINT_SECONDS, LOG_EVERY, Precision, Stage, TrainingError, fit
 from worldmodels.mdrnn import MDRNN, MDRNNLoss, mdrnn_loss
 from worldmodels.prefetch import prefetch
@@ -169,7 +162,7 @@ def train_vae(
 ) -> VAE:
     """Train V on the run's episodes (``run/data``) and return it; resumes, or loads when finished.
 
-    Frames come from :class:`~worldmodels.data.FrameDataset` (``cfg.vae.frames_per_episode``
+    Frames come from :class:`~worldmodels.datasets.FrameDataset` (``cfg.vae.frames_per_episode``
     frames of each episode per epoch, at most ``cfg.vae.shuffle_episodes`` episodes in
     memory), split by episode into train and test sets (``cfg.data.test_fraction``, seed
     ``cfg.train_seed``). Adam at ``cfg.vae.learning_rate``, no learning-rate schedule,
@@ -248,7 +241,7 @@ def encode(cfg: Config, run: str | Path | RunDir, *, quiet: bool = False, batch_
 
     Each ``latents/episode_XXXXXX.npz`` holds V's posterior ``mu`` and ``logvar`` as
     float16 (T + 1, z_size) with the episode's actions, rewards and ends (see
-    :func:`~worldmodels.data.save_latents`). Episodes already encoded are skipped, so an
+    :func:`~worldmodels.datasets.save_latents`). Episodes already encoded are skipped, so an
     interrupted call resumes; ``latents/done.json`` marks the stage finished. V must be
     trained (``run/vae/done.json``).
     """
@@ -327,7 +320,7 @@ def train_mdrnn(
     """Train M on the encoded episodes (``run/latents``, encoded first if needed) and return it.
 
     Each epoch visits every window of ``cfg.mdrnn.seq_len`` transitions of the training
-    episodes (:class:`~worldmodels.data.SequenceDataset`) in a new order, in batches of
+    episodes (:class:`~worldmodels.datasets.SequenceDataset`) in a new order, in batches of
     ``cfg.mdrnn.batch_size``. For every batch, ``z`` is sampled from V's stored posterior
     (``mu + sigma * eps``, ``eps`` from a generator seeded by the step), M reads
     ``z[:, :-1]`` with the actions and is scored on ``z[:, 1:]``, the rewards and the

@@ -17,7 +17,7 @@ picture it showed when the chapter was executed: hidden once a precomputed widge
 shown with a note that a kernel is needed in place of a live widget's inert controls.
 
 The precomputed widgets also link their controls in Python (``ipywidgets.link``), so that
-tests and a running kernel see the same effect as the browser; :func:`shown_image` returns
+tests and a running kernel see the same effect as the browser; :func:`worldmodels.widgets.shown_image` returns
 the PNG bytes a widget currently shows.
 """
 

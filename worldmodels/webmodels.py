@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from worldmodels.controller import Controller
 from worldmodels.mdrnn import MDRNN
 from worldmodels.runs import atomic_path, write_json
 from worldmodels.vae import VAE, kl_per_dimension
@@ -61,7 +62,7 @@ class WebDreamStep(nn.Module):
     the action taken, ``action + autopilot * (controller(z, h) - action)``.
     """
 
-    def __init__(self, mdrnn: MDRNN, controller: nn.Module | None = None):
+    def __init__(self, mdrnn: MDRNN, controller: Controller | None = None):
         super().__init__()
         self.mdrnn = mdrnn
         self.controller = controller
@@ -169,7 +170,7 @@ def export_web_models(
     folder: str | Path,
     start: int = 0,
     kl_threshold: float = 0.1,
-    controller: nn.Module | None = None,
+    controller: Controller | None = None,
 ) -> WebModels:
     """Write V's decoder and M's dream step as ONNX (float16 weights) and ``web_models.json`` to `folder`.
 
@@ -198,7 +199,7 @@ def export_web_models(
         names = ["z", "action", "h", "c", "tau", "u", "eps"]
         outputs = ["z_next", "h_next", "c_next", "reward", "done"]
         if controller is not None:
-            controller = copy.deepcopy(controller).float().cpu().eval()
+            controller = Controller.from_shape(controller.shape, controller.to_flat(), dtype=torch.float32)
             args, names, outputs = args + (torch.zeros(1),), names + ["autopilot"], outputs + ["action_taken"]
         dynamic = {n: {0: "batch"} for n in names + outputs if n not in ("tau", "autopilot")}
         _export(WebDreamStep(mdrnn, controller), args, folder / DREAM_STEP_FILE, names, outputs, dynamic)
