@@ -11,9 +11,7 @@ from worldmodels.config import preset
 from worldmodels.data import (
     Episode,
     EpisodeError,
-    FrameDataset,
     RandomPolicy,
-    SequenceDataset,
     collect,
     collect_task,
     dataset_episodes,
@@ -30,6 +28,7 @@ from worldmodels.data import (
     split_episodes,
     split_indices,
 )
+from worldmodels.datasets import FrameDataset, SequenceDataset
 from worldmodels.env import make_env
 from worldmodels.runs import RunDirError, write_json
 

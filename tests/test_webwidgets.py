@@ -63,10 +63,10 @@ def test_widget_sends_the_models_it_is_asked_for(dream):
 def test_dream_driver_lets_c_drive_when_given_one(posteriors):
     import onnxruntime as ort
 
-    from worldmodels.controller import Controller
+    from worldmodels.controller import Controller, n_params
 
     w = webwidgets.dream_driver(VAE(z_size=8).eval(), MDRNN(z_size=8, hidden_size=16).eval(), *posteriors,
-                                controller=Controller("zh", 8, 16))
+                                controller=Controller("zh", 8, 16, params=np.full(n_params("zh", 8, 16), 0.1)))
     assert w.meta["controller"] is True
     inputs = [i.name for i in ort.InferenceSession(w.assets["dream_step.onnx"]).get_inputs()]
     assert inputs == ["z", "action", "h", "c", "tau", "u", "eps", "autopilot"]

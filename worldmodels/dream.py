@@ -36,7 +36,7 @@ from torch import Tensor
 from worldmodels.config import CARRACING_MAX_STEPS, CMAConfig, Config
 from worldmodels.controller import Controller, ControllerShape, load_controller, save_controller
 from worldmodels.data import EpisodeError, dataset_episodes
-from worldmodels.evolution import evolve, is_finished
+from worldmodels.evolution import EvolutionResult, evolve, is_finished
 from worldmodels.mdrnn import MDRNN, sample_next_z
 from worldmodels.parallel import InlineExecutor, one_torch_thread
 from worldmodels.runs import (
@@ -316,45 +316,57 @@ def train_controller_in_dream(
         params = load_controller(out / f"{prefix}{BEST_WEIGHTS['controller']}").params
         score, generation = done["best_score"], done["generations"]
     else:
-        shape = ControllerShape.from_config(cfg)
-        mu, logvar = initial_latents(run)
-        worker = DreamWorker(load_mdrnn(run).cpu().eval(), mu, logvar, shape, tau)
-        population = cma_cfg.population * cma_cfg.episodes_per_candidate
-
-        def save(path: Path, params: np.ndarray, metadata: dict[str, str]) -> None:
-            save_controller(path, params, shape, {**metadata, "temperature": key})
-
-        result = evolve(
-            dream_task,
-            shape.n_params,
-            cma_cfg,
-            InlineExecutor(init=lambda: worker),
-            checkpoint_dir=out,
-            task_size=max(population, cma_cfg.eval_episodes),  # one batch of dreams per generation
-            max_generations=max_generations,
-            save_params=save,
-            prefix=prefix,
-            quiet=quiet,
-            desc=f"dream tau={key}",
-        )
+        result = _evolve_in_dream(cfg, run, cma_cfg, tau, max_generations=max_generations, quiet=quiet)
         params, score, generation = result.best_params, result.best_score, result.generation
         if not result.finished:
             return DreamResult(params, tau, score, None)
     entry = summary.get(key, {})
     real_max_steps = cfg.eval.max_steps if real_max_steps is None else real_max_steps
     if evaluate_real and "real_mean" not in entry:
-        from worldmodels.evaluation import evaluate
-        from worldmodels.rollout import Agent
-
-        agent = Agent.from_run(run, cfg)
-        seeds = [cfg.eval.seed + i for i in range(cfg.eval.episodes)]
-        ev = evaluate(
-            agent, params, seeds, cfg.env, envs_per_batch=cfg.cma.envs_per_worker,
-            max_steps=real_max_steps, workers=cfg.cma.workers,
-        )
-        entry.update(real_mean=ev.mean, real_std=ev.std, real_episodes=len(seeds), real_max_steps=real_max_steps)
+        entry.update(_evaluate_real(cfg, run, params, real_max_steps))
     entry.update(temperature=tau, dream_return=score, generations=generation)
     summary[key] = entry
     write_json(summary_path, summary)
     real = {k: entry[k] for k in ("real_mean", "real_std", "real_episodes") if k in entry} or None
     return DreamResult(params, tau, score, real)
+
+
+def _evolve_in_dream(cfg: Config, run: RunDir, cma_cfg: CMAConfig, tau: float, *, max_generations: int | None,
+                     quiet: bool) -> EvolutionResult:
+    """CMA-ES in M's dream at temperature `tau`, one batch of dreams per generation, checkpointed in run/controller."""
+    shape = ControllerShape.from_config(cfg)
+    mu, logvar = initial_latents(run)
+    worker = DreamWorker(load_mdrnn(run).cpu().eval(), mu, logvar, shape, tau)
+    population = cma_cfg.population * cma_cfg.episodes_per_candidate
+    key = f"{tau:g}"
+
+    def save(path: Path, params: np.ndarray, metadata: dict[str, str]) -> None:
+        save_controller(path, params, shape, {**metadata, "temperature": key})
+
+    return evolve(
+        dream_task,
+        shape.n_params,
+        cma_cfg,
+        InlineExecutor(init=lambda: worker),
+        checkpoint_dir=run.controller,
+        task_size=max(population, cma_cfg.eval_episodes),  # one batch of dreams per generation
+        max_generations=max_generations,
+        save_params=save,
+        prefix=dream_prefix(tau),
+        quiet=quiet,
+        desc=f"dream tau={key}",
+    )
+
+
+def _evaluate_real(cfg: Config, run: RunDir, params: np.ndarray, max_steps: int) -> dict[str, Any]:
+    """The dream-trained controller on the real evaluation tracks (cfg.eval): mean, std, episodes."""
+    from worldmodels.evaluation import evaluate
+    from worldmodels.rollout import Agent
+
+    agent = Agent.from_run(run, cfg)
+    seeds = [cfg.eval.seed + i for i in range(cfg.eval.episodes)]
+    ev = evaluate(
+        agent, params, seeds, cfg.env, envs_per_batch=cfg.cma.envs_per_worker, max_steps=max_steps,
+        workers=cfg.cma.workers,
+    )
+    return dict(real_mean=ev.mean, real_std=ev.std, real_episodes=len(seeds), real_max_steps=max_steps)
