@@ -210,13 +210,15 @@ def test_evaluate_cli_without_controller(tmp_path):
         main(["evaluate", "--run-dir", str(tmp_path)])
 
 
-def test_record_gif(tmp_path):
+@pytest.mark.parametrize("suffix", [".gif", ".mp4"])
+def test_record_video(tmp_path, suffix):
     agent = make_agent()
-    path = tmp_path / "ep.gif"
+    path = tmp_path / f"ep{suffix}"
     res = record(agent, random_params(agent, 1)[0], 3, path, CFG.env, max_steps=12, scale=2)
     frames = iio.imread(path, index=None)
     assert frames.shape[0] == res.steps[0] == 12
     assert frames.shape[1:3] == (128, 3 * 128)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
 
 
 def test_record_cli(run_dir, capsys):

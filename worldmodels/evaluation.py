@@ -22,7 +22,14 @@ from worldmodels.config import Config, EnvConfig
 from worldmodels.controller import ControllerShape, load_controller
 from worldmodels.mdrnn import sample_next_z
 from worldmodels.parallel import Executor, InlineExecutor, make_executor
-from worldmodels.rollout import Agent, RolloutResult, Trace, rollout, rollout_task, rollout_worker
+from worldmodels.rollout import (
+    Agent,
+    RolloutResult,
+    Trace,
+    rollout,
+    rollout_task,
+    rollout_worker,
+)
 from worldmodels.runs import (
     BEST_WEIGHTS,
     DONE_FILE,
@@ -30,8 +37,8 @@ from worldmodels.runs import (
     RunDir,
     RunDirError,
     as_run_dir,
-    atomic_path,
     read_json,
+    write_bytes,
     write_json,
 )
 from worldmodels.tasks import make_tasks, run_tasks
@@ -236,6 +243,6 @@ def record(
     video = np.concatenate(panels, axis=2)
     video = video.repeat(scale, axis=1).repeat(scale, axis=2)
     kwargs = {"duration": 1000 / fps, "loop": 0} if path.suffix.lower() == ".gif" else {"fps": fps}
-    with atomic_path(path) as tmp:
-        iio.imwrite(tmp, video, extension=path.suffix.lower(), **kwargs)
+    # encoded in memory: ffmpeg picks its muxer from the file name, which a temporary name hides
+    write_bytes(path, iio.imwrite("<bytes>", video, extension=path.suffix.lower(), **kwargs))
     return result
