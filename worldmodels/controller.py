@@ -174,6 +174,7 @@ class Controller:
         layers = _split(flat.reshape(-1, flat.shape[-1]), self.shape)
         # Contiguous copies: one (K, out, in) weight and one (K, out, 1) bias per layer.
         self._layers = [(w.contiguous(), b.unsqueeze(-1).contiguous()) for w, b in layers]
+        self.single = len(self._layers[0][0]) == 1
         return self
 
     def to_flat(self) -> np.ndarray:
@@ -189,8 +190,8 @@ class Controller:
         for j, (w, b) in enumerate(self._layers):
             if index is not None:
                 w, b = w[index], b[index]
-            elif len(w) == 1 < len(x):  # one controller acting on a batch of inputs
-                w, b = w.expand(len(x), -1, -1), b.expand(len(x), -1, -1)
+            elif self.single:  # one controller, acting on every row of the inputs
+                w, b = w.expand(x.shape[0], -1, -1), b.expand(x.shape[0], -1, -1)
             x = torch.baddbmm(b, w, x)
             if j < len(self._layers) - 1:
                 x = torch.tanh(x)
