@@ -39,8 +39,10 @@ COINCIDENCES = {
     ("07_results.ipynb", "120"): "Tallec et al.'s spread, 870 ± 120",
     ("07_results.ipynb", "21"): "the paper's spread, 906 ± 21",
     ("08_scaling.ipynb", "16"): "the paper's episodes per candidate, 64 x 16",
+    ("intro.md", "0.4"): "M's size, 0.4 M parameters",
     ("intro.md", "32"): "the size of z",
     ("notation.md", "32"): "the size of z",
+    ("teachers.md", "1.5"): "a temperature of the dream exercise, tau 1.5",
     ("teachers.md", "32"): "the size of z",
 }
 """(file, typed number) pairs that equal a glued value by chance, each with what the number is."""

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from worldmodels.mdrnn import MDRNN
-from worldmodels.quality import LatentEpisode, explained_variance, gaussian_nll, m_quality, persistence_variance
+from worldmodels.quality import LatentEpisode, explained_variance, gaussian_nll, m_quality, persistence_variance, sample_codes
 from worldmodels.vae import VAE
 
 
@@ -74,3 +74,11 @@ def test_latent_episode_rejects_mismatched_lengths():
         LatentEpisode(np.zeros((4, 2)), np.zeros((4, 2)), np.zeros((3, 3)), np.zeros(2), np.zeros(3, bool))
     with pytest.raises(ValueError, match="mu"):
         LatentEpisode(np.zeros((6, 2)), np.zeros((6, 2)), np.zeros((3, 3)), np.zeros(3), np.zeros(3, bool))
+
+
+def test_sample_codes_draws_around_the_means_with_the_posterior_spread():
+    mu = np.zeros((20001, 2), np.float32)
+    ep = LatentEpisode(mu, np.log(np.full_like(mu, 0.25)), np.zeros((20000, 3), np.float32), np.zeros(20000), np.zeros(20000, bool))
+    z = sample_codes(ep, np.random.default_rng(0)).mu
+    np.testing.assert_allclose(z.std(0), [0.5, 0.5], rtol=0.02)
+    np.testing.assert_allclose(z.mean(0), [0.0, 0.0], atol=0.01)

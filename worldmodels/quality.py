@@ -121,6 +121,13 @@ def from_trace(vae: VAE, frames: np.ndarray, action: np.ndarray, reward: np.ndar
     return latent_episode(vae, frames, action, reward, done)
 
 
+def sample_codes(ep: LatentEpisode, rng: np.random.Generator) -> LatentEpisode:
+    """The episode with its codes drawn from V's posterior, ``mu + exp(logvar / 2) * eps``,
+    as M's training sees them (scoring it then compares M with what it was trained on)."""
+    z = ep.mu + np.exp(0.5 * ep.logvar) * rng.standard_normal(ep.mu.shape).astype(np.float32)
+    return LatentEpisode(z.astype(np.float32), ep.logvar, ep.action, ep.reward, ep.done)
+
+
 def persistence_variance(episodes: Sequence[LatentEpisode], floor: float = 1e-6) -> np.ndarray:
     """(Z,) the mean of ``(z_{t+1} - z_t)^2`` over all scored steps, at least `floor`."""
     diffs = np.concatenate([_targets(ep) - ep.mu[: len(_targets(ep))] for ep in episodes])
