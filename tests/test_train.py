@@ -204,7 +204,7 @@ def test_a_damaged_checkpoint_is_one_line_naming_the_file(tmp_path, data_run, ca
     train.train_vae(cfg, run, quiet=True, max_steps=1)
     path = run / "vae" / damaged
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # truncated
-    with pytest.raises(RunDirError, match=rf"^{re.escape(str(path))}: (corrupt or truncated|damaged checkpoint file) .*; delete "):
+    with pytest.raises(RunDirError, match=rf"^{re.escape(str(path))}: corrupt or truncated .*; delete "):
         train.train_vae(cfg, run, quiet=True)
     with pytest.raises(SystemExit) as exit:
         cli.main(["train-vae", "--scale", "tiny", "--run-dir", str(run), "--quiet", *SMALL_V_ARGS])

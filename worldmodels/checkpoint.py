@@ -14,7 +14,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from worldmodels.runs import (
     atomic_path,
     load_train_state,
     load_weights,
+    reading,
     save_tensors,
     weights_metadata,
 )
@@ -92,7 +93,8 @@ class Checkpoint:
         for path in (self.state_path, self.folder / PREVIOUS_TRAIN_STATE):
             if path.exists():
                 state = load_train_state(path)
-                progress = _read(path, lambda p: Progress(**state["progress"]))
+                with reading(path, "training state", also=(TypeError,)):  # a state without the progress saved
+                    progress = Progress(**state["progress"])
                 if progress.step == step:
                     break
         else:
@@ -101,7 +103,8 @@ class Checkpoint:
                 f"delete {self.folder} to train from scratch"
             )
         load_weights(self.model, self.weights_path, device=str(device))
-        _read(path, lambda p: self._restore(state))
+        with reading(path, "training state", also=(TypeError, RuntimeError)):  # one that does not fit the model
+            self._restore(state)
         self.saved_step = step
         return progress
 
@@ -142,21 +145,8 @@ class Checkpoint:
 
 def saved_step(weights: Path) -> int:
     """The step at which the weights file `weights` was saved (from its metadata; -1 if it has none)."""
-    return _read(weights, lambda p: int(weights_metadata(p).get("step", -1)))
-
-
-def _read(path: Path, read: Callable[[Path], Any]) -> Any:
-    """`read(path)`, with a file whose contents are not what was saved reported in one line that names it."""
-    try:
-        return read(path)
-    except RunDirError:
-        raise
-    except Exception as e:  # noqa: BLE001 - torch, pickle and safetensors raise many kinds
-        reason = f"no {e}" if isinstance(e, KeyError) else (str(e).strip().splitlines() or [type(e).__name__])[0]
-        reason = reason.split(". ")[0]  # torch's messages run on
-        raise RunDirError(
-            f"{path}: damaged checkpoint file ({reason}); delete {path.parent} to train from scratch"
-        ) from e
+    with reading(weights, "weights file"):  # ValueError: a step that is not a number
+        return int(weights_metadata(weights).get("step", -1))
 
 
 def _rng_state() -> dict[str, Any]:
