@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from worldmodels.checkpoint import Checkpoint, Progress
-from worldmodels.runs import DONE_FILE, METRICS_FILE, atomic_path, reading, write_json
+from worldmodels.runs import BEST_WEIGHTS, DONE_FILE, METRICS_FILE, atomic_path, reading, write_json
 
 
 CHECKPOINT_SECONDS = 600.0
@@ -68,8 +68,6 @@ class Stage:
     label: str
     """The stage in messages: 'V' or 'M'."""
     folder: Path
-    best_weights: str
-    """File name of the best weights in `folder`."""
     parts: tuple[str, ...]
     """Names of the loss parts, the total (``loss``) first."""
     model: nn.Module
@@ -126,7 +124,7 @@ def fit(stage: Stage, *, quiet: bool = False, max_steps: int | None = None,
     write_json(stage.folder / DONE_FILE, {
         "stage": stage.name, "steps": progress.step, "epochs": progress.epoch,
         "best_step": progress.best_step, "best_test": progress.best_test, "seconds": round(progress.elapsed(), 3),
-        "device": str(stage.device), "weights": stage.best_weights,
+        "device": str(stage.device), "weights": BEST_WEIGHTS[stage.name],
     })
     return True
 
@@ -162,7 +160,7 @@ def _save(stage: Stage, progress: Progress, checkpoint: Checkpoint, best: bool =
     for name, tensor in stage.model.state_dict().items():
         if not torch.isfinite(tensor).all():
             raise _stopped(stage, checkpoint, f"weights {name!r} are not finite", progress.step, progress.epoch)
-    checkpoint.save(progress, stage.folder / stage.best_weights if best else None, stage.name)
+    checkpoint.save(progress, stage.folder / BEST_WEIGHTS[stage.name] if best else None, stage.name)
 
 
 def _stopped(stage: Stage, checkpoint: Checkpoint, what: str, step: int, epoch: int) -> TrainingError:

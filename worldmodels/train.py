@@ -226,7 +226,7 @@ def _vae_stage(cfg: Config, run: RunDir, device: torch.device) -> Stage:
         return _test_losses(model, _on(device, test_ds), lambda x, i: losses(x, _V_TEST, i), len) if test_ds else None
 
     return Stage(
-        name="vae", label="V", folder=run.vae, best_weights=BEST_WEIGHTS["vae"], parts=VAE_PARTS,
+        name="vae", label="V", folder=run.vae, parts=VAE_PARTS,
         model=model, optimizer=torch.optim.Adam(model.parameters(), lr=v.learning_rate), precision=precision,
         device=device, epochs=v.epochs, steps_per_epoch=steps_per_epoch,
         batches=batches, loss=lambda x, step: losses(x, _V_TRAIN, step), test=test,
@@ -365,7 +365,7 @@ def _mdrnn_stage(cfg: Config, run: RunDir, device: torch.device, quiet: bool) ->
         return _test_losses(model, test_batches, lambda b, i: losses(b, _M_TEST, i), lambda b: int(b["mask"].sum()))
 
     return Stage(
-        name="mdrnn", label="M", folder=run.mdrnn, best_weights=BEST_WEIGHTS["mdrnn"], parts=MDRNN_PARTS,
+        name="mdrnn", label="M", folder=run.mdrnn, parts=MDRNN_PARTS,
         model=model, optimizer=torch.optim.Adam(model.parameters(), lr=m.learning_rate),
         precision=Precision(device, enabled=False),  # the mixture densities stay in float32
         device=device, epochs=m.epochs, steps_per_epoch=math.ceil(len(train_ds) / m.batch_size),
