@@ -168,7 +168,7 @@ def m_quality(vae: VAE, mdrnn: MDRNN, episodes: Sequence[LatentEpisode]) -> MQua
     return MQuality(
         nll_m=nll_m, nll_persistence=nll_persistence, nll_prior=nll_prior, kl=kl, used=kl > USED_KL,
         reward_actual=reward, reward_predicted=reward_pred, reward_mse=mse, reward_mse_constant=mse_constant,
-        reward_explained_variance=None if mse is None or mse_constant == 0 else 1.0 - mse / mse_constant,
+        reward_explained_variance=None if mse is None or mse_constant == 0 else explained_variance(reward_pred, reward),
         ends_seen=int(done.sum()),
         ends_predicted=None if done_pred is None else int(done_pred.sum()),
         ends_hit=None if done_pred is None else int((done_pred & done).sum()),
