@@ -128,7 +128,7 @@ def load_agent_and_controller(
     and that file's path; a missing file or a controller of the wrong shape raises an error naming it."""
     run = as_run_dir(run)
     cfg = cfg or run.load_config()
-    path = Path(controller) if controller is not None else run.path / "controller" / BEST_WEIGHTS["controller"]
+    path = Path(controller) if controller is not None else run.controller / BEST_WEIGHTS["controller"]
     if not path.exists():
         raise RunDirError(f"{path}: no controller to evaluate (train one first, or pass --controller)")
     saved = load_controller(path)

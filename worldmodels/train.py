@@ -249,7 +249,7 @@ def encode(cfg: Config, run: str | Path | RunDir, *, quiet: bool = False, batch_
     cfg = run.bind(cfg)
     files = _episodes(cfg, run)
     out = [latent_path(run.latents, f) for f in files]
-    marker, vae_done = run.latents / DONE_FILE, run.path / "vae" / DONE_FILE
+    marker, vae_done = run.latents / DONE_FILE, run.vae / DONE_FILE
     if marker.exists():  # episodes skipped as corrupt (data.skip_corrupt) have no latents
         return [o for o in out if o.exists()]
     if not vae_done.exists():
