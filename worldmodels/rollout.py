@@ -39,6 +39,7 @@ from torch import Tensor
 
 from worldmodels.config import Config, EnvConfig
 from worldmodels.controller import ACTION_SIZE, Controller, ControllerShape, load_controller, save_controller
+from worldmodels.data import Episode
 from worldmodels.env import make_env
 from worldmodels.evolution import evolve, is_finished
 from worldmodels.mdrnn import MDRNN
@@ -181,6 +182,21 @@ class Trace:
     """(T, 3) float32: the action taken."""
     rewards: np.ndarray
     """(T,) float64: the reward received."""
+    terminated: np.ndarray
+    """(T,) bool: the environment ended the episode after that action (time limits and
+    early termination are not ends)."""
+    final_frame: np.ndarray
+    """(64, 64, 3) uint8: the frame after the last action."""
+
+    def episode(self, seed: int) -> Episode:
+        """The trace as an episode of the dataset (:class:`worldmodels.data.Episode`), driven on track `seed`."""
+        truncated = np.zeros(len(self.actions), bool)
+        if len(truncated) and not self.terminated[-1]:
+            truncated[-1] = True
+        return Episode(
+            obs=self.frames, action=self.actions, reward=self.rewards.astype(np.float32), terminated=self.terminated,
+            truncated=truncated, final_obs=self.final_frame, seed=int(seed),
+        )
 
 
 @dataclass
@@ -207,12 +223,14 @@ class _Episodes:
         self.alive = np.ones(k, dtype=bool)
         self.log: list[list[tuple]] | None = [[] for _ in range(k)] if trace else None
 
-    def add(self, i: int, reward: float, ended: bool, seen: tuple) -> None:
-        """Episode `i` received `reward`; `ended` by the environment; `seen`: (frame, z, action) when tracing."""
+    def add(self, i: int, reward: float, terminated: bool, truncated: bool, seen: tuple) -> None:
+        """Episode `i` received `reward`, then the environment `terminated` or `truncated` it;
+        `seen`: (frame, z, action) when tracing."""
+        ended = terminated or truncated
         self.returns[i] += reward
         self.steps[i] += 1
         if self.log is not None:
-            self.log[i].append((*seen, reward))
+            self.log[i].append((*seen, reward, terminated))
         self.since_tile[i] = 0 if reward > 0 else self.since_tile[i] + 1
         if ended:
             self.alive[i] = False
@@ -220,19 +238,20 @@ class _Episodes:
             self.returns[i] -= STEP_PENALTY * (self.max_steps - self.steps[i])
             self.alive[i], self.early[i] = False, True
 
-    def result(self, frame_shape: tuple, z_size: int) -> RolloutResult:
-        traces = None if self.log is None else [_trace(steps, frame_shape, z_size) for steps in self.log]
+    def result(self, final_frames: np.ndarray, z_size: int) -> RolloutResult:
+        traces = None if self.log is None else [_trace(steps, last, z_size) for steps, last in zip(self.log, final_frames)]
         return RolloutResult(self.returns, self.steps, self.early, traces)
 
 
-def _trace(steps: list[tuple], frame_shape: tuple, z_size: int) -> Trace:
+def _trace(steps: list[tuple], final_frame: np.ndarray, z_size: int) -> Trace:
     if not steps:
         return Trace(
-            np.empty((0, *frame_shape), np.uint8), np.empty((0, z_size), np.float32),
-            np.empty((0, ACTION_SIZE), np.float32), np.empty(0),
+            np.empty((0, *final_frame.shape), np.uint8), np.empty((0, z_size), np.float32),
+            np.empty((0, ACTION_SIZE), np.float32), np.empty(0), np.empty(0, bool), final_frame.copy(),
         )
-    frames, z, actions, rewards = zip(*steps)
-    return Trace(np.stack(frames), np.stack(z), np.stack(actions), np.array(rewards, np.float64))
+    frames, z, actions, rewards, terminated = zip(*steps)
+    return Trace(np.stack(frames), np.stack(z), np.stack(actions), np.array(rewards, np.float64),
+                 np.array(terminated, bool), final_frame.copy())
 
 
 _ENVS: dict[tuple, list[gym.Env]] = {}
@@ -300,11 +319,11 @@ def rollout(
             for j, i in enumerate(running):
                 seen = (frames[i].copy(), z[j], actions[j]) if trace else ()
                 frames[i], reward, terminated, truncated, _ = envs[i].step(actions[j])
-                episodes.add(i, reward, terminated or truncated, seen)
+                episodes.add(i, reward, terminated, truncated, seen)
             running = np.flatnonzero(episodes.alive)
             if len(running) == 0:
                 break
-    return episodes.result(frames.shape[1:], agent.z_size)
+    return episodes.result(frames, agent.z_size)
 
 
 # --- evolving the controller in the real environment ------------------------------------
