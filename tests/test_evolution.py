@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -19,6 +21,7 @@ from worldmodels.evolution import (
     evolve,
     load_checkpoint,
     read_history,
+    resized_es,
     sphere_task,
     training_seeds,
     validation_seeds,
@@ -227,7 +230,14 @@ def test_a_finished_run_continues_when_generations_grow(tmp_path, fake_run):
     with pytest.raises(RunDirError, match="cma.generations"):
         train_controller(cfg, run, quiet=True)
     with pytest.raises(RunDirError, match="cma.population"):
-        train_controller(longer.replace(**{"cma.population": 6}), run, quiet=True)
+        train_controller(longer.replace(**{"cma.population": 2}), run, quiet=True)
+    # A larger population and more episodes per candidate continue it too, and are recorded.
+    larger = longer.replace(**{"cma.population": 6, "cma.episodes_per_candidate": 2, "cma.generations": 4})
+    train_controller(larger, run, quiet=True)
+    hist = read_history(run.controller / "history.csv")
+    assert [(r["population"], r["episodes_per_candidate"]) for r in hist] == [(4, 1)] * 3 + [(6, 2)]
+    recorded = run.load_config().cma
+    assert (recorded.population, recorded.episodes_per_candidate, recorded.generations) == (6, 2, 4)
 
 
 def _track_task(state, task):
@@ -263,3 +273,119 @@ def test_final_selection_rescores_the_best_validated_means(tmp_path):
     # A run finished without a selection (done.json but no selection.json) is not finished under select_top.
     (tmp_path / "selection.json").unlink()
     assert not is_finished(tmp_path, cfg) and is_finished(tmp_path, sphere_cfg(generations=6, eval_every=1))
+
+
+# ----------------------------------------------------------------------------- x0, population, episodes
+SEEN: list[tuple[int, np.ndarray, np.ndarray]] = []
+"""(generation, candidates, seeds) of every training task that _recording_sphere ran in this process."""
+
+
+def _recording_sphere(state, task):
+    if task.kind == "train":
+        SEEN.append((task.generation, task.candidates.copy(), task.seeds.copy()))
+    return sphere_task(state, task)
+
+
+def _save_x0(path: Path, params) -> None:
+    from worldmodels.runs import save_tensors
+    import torch
+
+    save_tensors(path, {"params": torch.tensor(params, dtype=torch.float64)})
+
+
+def test_x0_starts_the_mean_and_is_read_only_at_the_start(tmp_path):
+    x0 = tmp_path / "x0.safetensors"
+    _save_x0(x0, [0.5, -0.3, 0.2, 0.4, 0.0])
+    cfg = sphere_cfg(generations=3)
+    first = evolve(sphere_task, 5, cfg, InlineExecutor(), checkpoint_dir=tmp_path / "a", x0=x0, max_generations=0,
+                   quiet=True)
+    np.testing.assert_array_equal(first.mean, [0.5, -0.3, 0.2, 0.4, 0.0])  # no generation yet: the mean is x0
+    full = evolve(sphere_task, 5, cfg, InlineExecutor(), checkpoint_dir=tmp_path / "b", x0=x0, quiet=True)
+    zeros = evolve(sphere_task, 5, cfg, InlineExecutor(), quiet=True)
+    assert full.history[0]["fitness_mean"] > zeros.history[0]["fitness_mean"] + 0.3  # nearer the optimum
+    done = json.loads((tmp_path / "b" / "done.json").read_text())
+    assert done["start"] == {"x0": str(x0), "sha256": hashlib.sha256(x0.read_bytes()).hexdigest()}
+    assert load_checkpoint(tmp_path / "b" / "es.pkl").start == done["start"]
+    # Interrupted after one generation, then x0 changes and vanishes: the checkpoint is the truth.
+    evolve(sphere_task, 5, cfg, InlineExecutor(), checkpoint_dir=tmp_path / "c", x0=x0, max_generations=1, quiet=True)
+    x0.unlink()
+    resumed = evolve(sphere_task, 5, cfg, InlineExecutor(), checkpoint_dir=tmp_path / "c", x0=x0, quiet=True)
+    np.testing.assert_array_equal(resumed.mean, full.mean)
+    assert json.loads((tmp_path / "c" / "done.json").read_text())["start"] == done["start"]
+
+
+def test_x0_errors_name_the_file_and_the_sizes(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"cma.x0: .*missing.safetensors: no such file"):
+        evolve(sphere_task, 5, sphere_cfg(), InlineExecutor(), x0=tmp_path / "missing.safetensors", quiet=True)
+    _save_x0(tmp_path / "short.safetensors", [1.0, 2.0])
+    with pytest.raises(ConfigError, match=r"cma.x0: .*short.safetensors holds 2 parameters, but this run evolves 5"):
+        evolve(sphere_task, 5, sphere_cfg(), InlineExecutor(), x0=tmp_path / "short.safetensors", quiet=True)
+    evolve(sphere_task, 5, sphere_cfg(generations=1), InlineExecutor(), checkpoint_dir=tmp_path / "z", quiet=True)
+    assert json.loads((tmp_path / "z" / "done.json").read_text())["start"] == {"x0": "zeros"}
+
+
+def test_a_larger_population_continues_from_the_same_distribution(tmp_path):
+    small, large = sphere_cfg(population=4, generations=3), sphere_cfg(population=8, generations=5)
+    ex = InlineExecutor()
+    evolve(sphere_task, 5, small, ex, checkpoint_dir=tmp_path / "a", quiet=True)
+    old = load_checkpoint(tmp_path / "a" / "es.pkl").es
+    new = resized_es(old, 8)
+    assert new.popsize == 8 and len(new.ask()) == 8
+    np.testing.assert_array_equal(new.mean, old.mean)  # the mean at the switch is the old mean
+    assert new.sigma == old.sigma
+    assert old.popsize == 4
+    old.sm.update_now(-1)  # the covariance the old strategy samples from (made symmetric)
+    np.testing.assert_array_equal(new.sm.C, old.sm.C)
+    np.testing.assert_array_equal(new.sm.B, old.sm.B)
+    np.testing.assert_array_equal(new.sm.D, old.sm.D)
+
+    SEEN.clear()
+    continued = evolve(_recording_sphere, 5, large, ex, checkpoint_dir=tmp_path / "a", quiet=True)
+    candidates = {g: sorted(np.concatenate([c for h, c, _ in SEEN if h == g])) for g, _, _ in SEEN}
+    assert candidates == {3: list(range(8)), 4: list(range(8))}  # 8 candidates a generation, one episode each
+    hist = read_history(tmp_path / "a" / "history.csv")
+    assert [r["population"] for r in hist] == [4, 4, 4, 8, 8]
+    assert continued.es.popsize == 8 and continued.generation == 5
+    # Switched, stopped after one generation and resumed: the same run as switched and run on.
+    evolve(sphere_task, 5, small, ex, checkpoint_dir=tmp_path / "b", quiet=True)
+    evolve(sphere_task, 5, large, ex, checkpoint_dir=tmp_path / "b", max_generations=4, quiet=True)
+    resumed = evolve(sphere_task, 5, large, ex, checkpoint_dir=tmp_path / "b", quiet=True)
+    np.testing.assert_array_equal(resumed.mean, continued.mean)
+    assert resumed.es.sigma == continued.es.sigma
+
+
+def test_more_episodes_per_candidate_take_fresh_tracks(tmp_path):
+    ex = InlineExecutor()
+    SEEN.clear()
+    evolve(_recording_sphere, 5, sphere_cfg(generations=2), ex, checkpoint_dir=tmp_path, quiet=True)
+    more = sphere_cfg(generations=4, episodes_per_candidate=3)
+    evolve(_recording_sphere, 5, more, ex, checkpoint_dir=tmp_path, quiet=True)
+    seeds = {g: sorted(set(np.concatenate([s for h, _, s in SEEN if h == g]))) for g, _, _ in SEEN}
+    base = more.seed
+    assert seeds == {0: [base], 1: [base + 1], 2: [base + 6, base + 7, base + 8], 3: [base + 9, base + 10, base + 11]}
+    hist = read_history(tmp_path / "history.csv")
+    assert [r["episodes_per_candidate"] for r in hist] == [1, 1, 3, 3]
+
+
+def test_history_records_cumulative_seconds_and_old_histories_load(tmp_path):
+    evolve(sphere_task, 5, sphere_cfg(generations=3), InlineExecutor(), checkpoint_dir=tmp_path, quiet=True)
+    hist = read_history(tmp_path / "history.csv")
+    running = np.cumsum([r["seconds"] for r in hist])
+    assert [r["cumulative_seconds"] for r in hist] == pytest.approx(running, abs=2e-3)
+    old = tmp_path / "old.csv"
+    old.write_text("generation,fitness_mean,val_mean,seconds\n0,1.0,,2.5\n1,2.0,7.0,1.25\n")
+    rows = read_history(old)
+    assert [r["cumulative_seconds"] for r in rows] == [2.5, 3.75]
+    assert rows[1]["val_mean"] == 7.0 and rows[0]["population"] is None
+
+
+def test_train_controller_refuses_an_x0_of_another_shape(tmp_path, fake_run):
+    from worldmodels.controller import ControllerShape, save_controller
+    from worldmodels.rollout import train_controller
+
+    cfg, run = _tiny_run(fake_run, tmp_path / "run")
+    other = ControllerShape("z", cfg.vae.z_size)
+    x0 = tmp_path / "z.safetensors"
+    save_controller(x0, np.zeros(other.n_params), other)
+    with pytest.raises(ConfigError, match=r"cma.x0: .*z.safetensors holds a controller .*kind='z'.*this run's controller is .*kind='zh'"):
+        train_controller(cfg.replace(**{"cma.x0": str(x0)}), run, quiet=True, executor=InlineExecutor(init=_boom))

@@ -8,11 +8,16 @@ task function decides where the episodes happen: the real CarRacing
 (:func:`worldmodels.rollout.train_controller`), M's dream
 (:func:`worldmodels.dream.train_controller_in_dream`), or a cheap analytic function in
 the tests (:func:`sphere_task`).
+
+A run may start its mean at given parameters (`x0`, a controller file) and may continue,
+from its checkpoint, with a larger population (:func:`resized_es`) or more episodes per
+candidate; history.csv records both per generation with the wall time.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import math
 import pickle
@@ -34,6 +39,7 @@ from worldmodels.runs import (
     HISTORY_FILE,
     LAST_WEIGHTS,
     SELECTION_FILE,
+    load_tensors,
     read_json,
     read_pickle,
     reading,
@@ -56,6 +62,9 @@ HISTORY_FIELDS = (
     "val_mean",
     "val_std",
     "seconds",
+    "cumulative_seconds",
+    "population",
+    "episodes_per_candidate",
 )
 CHECKPOINT_VERSION = 1
 
@@ -101,19 +110,46 @@ class _Randn:
         return self.rng.standard_normal(shape)
 
 
-def new_es(n_params: int, cma_cfg: CMAConfig):
-    """``cma.CMAEvolutionStrategy`` at x0 = 0, sigma0, popsize, seeded by ``cma_cfg.seed``, silent."""
+def _es(x0: np.ndarray, sigma0: float, popsize: int, randn: _Randn):
+    """A silent ``cma.CMAEvolutionStrategy`` that draws its candidates from `randn`."""
     import cma
 
     opts = {
-        "popsize": cma_cfg.population,
+        "popsize": popsize,
         "seed": float("nan"),  # the seed goes to our own sampler, not to NumPy's global state
-        "randn": _Randn(cma_cfg.seed),
+        "randn": randn,
         "verbose": -9,
         "verb_disp": 0,
         "verb_log": 0,  # no outcmaes/ files
     }
-    return cma.CMAEvolutionStrategy(np.zeros(n_params), cma_cfg.sigma0, opts)
+    return cma.CMAEvolutionStrategy(np.asarray(x0, dtype=np.float64), sigma0, opts)
+
+
+def new_es(n_params: int, cma_cfg: CMAConfig, x0: np.ndarray | None = None):
+    """``cma.CMAEvolutionStrategy`` at `x0` (default zeros), sigma0, popsize, seeded by ``cma_cfg.seed``, silent."""
+    return _es(np.zeros(n_params) if x0 is None else x0, cma_cfg.sigma0, cma_cfg.population, _Randn(cma_cfg.seed))
+
+
+def resized_es(es, population: int):
+    """The strategy `es` continued with `population` candidates per generation.
+
+    pycma cannot change a running strategy's population: ``popsize`` is read-only, and the
+    recombination weights, learning rates and step-size damping all derive from it. So a new
+    strategy, built by pycma for the new population, starts at the old one's mean, step size
+    and covariance matrix; its evolution paths start at zero, as on a restart. It draws from
+    the old one's sampler, so a resumed run draws what the uninterrupted one did.
+    """
+    import copy
+
+    new = _es(es.mean, es.sigma, population, es.opts["randn"])
+    new.sm.C = np.array(es.sm.C, copy=True)
+    new.sm.update_now(-1)  # eigendecomposition of the covariance now, not after the first update
+    new._updateBDfromSM(new.sm)
+    new.sigma_vec = copy.deepcopy(es.sigma_vec)
+    return new
+
+
+ZEROS_START = {"x0": "zeros"}
 
 
 @dataclass
@@ -134,6 +170,8 @@ class EvolutionState:
     """Every validated mean: generation, val_mean, val_std, params."""
     selection: dict | None = None
     """The final selection (see :func:`select_final`), once done."""
+    start: dict = field(default_factory=lambda: dict(ZEROS_START))
+    """Where the mean started: ``{"x0": "zeros"}`` or ``{"x0": path, "sha256": the file's hash}``."""
 
     @property
     def mean(self) -> np.ndarray:
@@ -167,7 +205,8 @@ def load_checkpoint(path: Path) -> EvolutionState:
     if payload.get("version") != CHECKPOINT_VERSION:
         raise RuntimeError(f"{path}: checkpoint version {payload.get('version')}, expected {CHECKPOINT_VERSION}")
     state: EvolutionState = payload["state"]
-    for name, default in (("validated", []), ("selection", None)):  # checkpoints written before these fields
+    defaults = (("validated", []), ("selection", None), ("start", dict(ZEROS_START)))
+    for name, default in defaults:  # checkpoints written before these fields
         if name not in state.__dict__:
             setattr(state, name, default)
     if state.numpy_random_state is not None:
@@ -187,13 +226,42 @@ def history_csv(history: list[dict]) -> str:
 
 
 def read_history(path: str | Path) -> list[dict]:
-    """history.csv back as a list of dicts of floats (None where empty)."""
+    """history.csv back as a list of dicts of floats, one key per :data:`HISTORY_FIELDS` (None where
+    empty or absent); a history written before ``cumulative_seconds`` gets it summed from ``seconds``."""
     with reading(path, "history file"), open(path, newline="") as f:
-        return [{k: (float(v) if v != "" else None) for k, v in row.items()} for row in csv.DictReader(f)]
+        rows = [{k: (float(v) if v not in ("", None) else None) for k, v in row.items()} for row in csv.DictReader(f)]
+    total = 0.0
+    for row in rows:
+        total += row.get("seconds") or 0.0
+        if row.get("cumulative_seconds") is None and row.get("seconds") is not None:
+            row["cumulative_seconds"] = round(total, 3)
+        for k in HISTORY_FIELDS:
+            row.setdefault(k, None)
+    return rows
 
 
 def _save_flat(path: Path, params: np.ndarray, metadata: dict[str, str]) -> None:
     save_tensors(path, {"params": torch.from_numpy(np.asarray(params, np.float64))}, metadata=metadata)
+
+
+def _load_flat(path: Path) -> np.ndarray:
+    return load_tensors(path)["params"].double().numpy()
+
+
+def _new_state(
+    n_params: int, cma_cfg: CMAConfig, x0: str | Path | None, load_params: Callable[[Path], np.ndarray]
+) -> EvolutionState:
+    """Generation 0's state: the mean at zeros, or at the parameters in the file `x0`."""
+    if not x0:
+        return EvolutionState(es=new_es(n_params, cma_cfg))
+    path = Path(x0)
+    if not path.exists():
+        raise FileNotFoundError(f"cma.x0: {path}: no such file (the controller where CMA-ES should start)")
+    params = np.asarray(load_params(path), dtype=np.float64).reshape(-1)
+    if params.shape[0] != n_params:
+        raise ConfigError(f"cma.x0: {path} holds {params.shape[0]} parameters, but this run evolves {n_params}")
+    start = {"x0": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    return EvolutionState(es=new_es(n_params, cma_cfg, params), start=start)
 
 
 @dataclass
@@ -231,6 +299,7 @@ def generation(state: EvolutionState, scorer: Scorer) -> dict[str, Any]:
         "generation": g, "fitness_mean": float(fitness.mean()), "fitness_max": float(fitness.max()),
         "fitness_min": float(fitness.min()), "fitness_std": float(fitness.std()), "sigma": float(state.es.sigma),
         "val_mean": None, "val_std": None,
+        "population": len(candidates), "episodes_per_candidate": returns.shape[1],
     }
     if (g + 1) % cma_cfg.eval_every == 0 or g + 1 == cma_cfg.generations:
         mean = state.mean
@@ -240,6 +309,7 @@ def generation(state: EvolutionState, scorer: Scorer) -> dict[str, Any]:
         if row["val_mean"] > state.best_score:
             state.best_params, state.best_score, state.best_generation = mean, row["val_mean"], g
     row["seconds"] = round(time.perf_counter() - start, 3)
+    row["cumulative_seconds"] = round(sum(h["seconds"] for h in state.history) + row["seconds"], 3)
     state.history.append(row)
     state.generation = g + 1
     return row
@@ -263,10 +333,10 @@ class Checkpoint:
         if self.folder is None or not self.path(ES_CHECKPOINT).exists():
             return None
         state = load_checkpoint(self.path(ES_CHECKPOINT))
-        if state.es.N != n_params or state.es.popsize != cma_cfg.population:
+        if state.es.N != n_params:
             raise RuntimeError(
-                f"{self.path(ES_CHECKPOINT)}: a checkpoint for {state.es.N} parameters and population "
-                f"{state.es.popsize}, asked for {n_params} and {cma_cfg.population}; use a new run directory"
+                f"{self.path(ES_CHECKPOINT)}: a checkpoint for {state.es.N} parameters, asked for {n_params}; "
+                "use a new run directory"
             )
         return state
 
@@ -296,7 +366,10 @@ class Checkpoint:
             return
         write_json(
             self.path(DONE_FILE),
-            {"generations": state.generation, "best_score": state.best_score, "best_generation": state.best_generation},
+            {
+                "generations": state.generation, "best_score": state.best_score,
+                "best_generation": state.best_generation, "start": state.start,
+            },
         )
 
 
@@ -311,6 +384,8 @@ def evolve(
     eval_max_steps: int | None = None,
     max_generations: int | None = None,
     save_params: Callable[[Path, np.ndarray, dict[str, str]], None] | None = None,
+    x0: str | Path | None = None,
+    load_params: Callable[[Path], np.ndarray] | None = None,
     prefix: str = "",
     quiet: bool = False,
     desc: str = "CMA-ES",
@@ -333,12 +408,20 @@ def evolve(
     after the last finished generation and draws the candidates the uninterrupted run
     would have; once ``cma_cfg.generations`` are done it only loads (a larger
     ``generations`` goes on). `max_generations` stops earlier (to be continued later).
+
+    A new run's mean starts at the parameters in the file `x0` (read with `load_params`,
+    default: the flat vector of `save_params`' files), or at zeros; a run that has a
+    checkpoint never reads `x0` again. A run continued with a larger ``population`` goes on
+    from its mean, step size and covariance (:func:`resized_es`); with more
+    ``episodes_per_candidate``, from its next generation.
     """
     _check_seed_ranges(cma_cfg)
     files = Checkpoint(Path(checkpoint_dir) if checkpoint_dir is not None else None, prefix, save_params or _save_flat)
     task_size, eval_max_steps = task_size or cma_cfg.envs_per_worker, eval_max_steps or cma_cfg.max_steps
     scorer = Scorer(task_fn, executor, cma_cfg, task_size, eval_max_steps)
-    state = files.load(n_params, cma_cfg) or EvolutionState(es=new_es(n_params, cma_cfg))
+    state = files.load(n_params, cma_cfg) or _new_state(n_params, cma_cfg, x0, load_params or _load_flat)
+    if state.es.popsize != cma_cfg.population and state.generation < cma_cfg.generations:
+        state.es = resized_es(state.es, cma_cfg.population)
     stop = cma_cfg.generations if max_generations is None else min(cma_cfg.generations, max_generations)
     with tqdm(total=stop, initial=min(state.generation, stop), desc=desc, disable=quiet, leave=False) as bar:
         while state.generation < stop:

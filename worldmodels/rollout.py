@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from worldmodels.config import Config, EnvConfig
+from worldmodels.config import Config, ConfigError, EnvConfig
 from worldmodels.controller import ACTION_SIZE, Controller, ControllerShape, load_controller, save_controller
 from worldmodels.data import Episode
 from worldmodels.env import make_env
@@ -376,6 +376,11 @@ def train_controller(
     Episodes end after ``cfg.cma.max_steps`` steps, or ``cfg.cma.early_stop_steps`` steps
     without a new tile; validation episodes run ``cfg.cma.max_steps`` steps without early termination.
 
+    The mean starts at zeros, or at the controller in the file ``cfg.cma.x0`` (the dream's,
+    or another run's best), which must have this run's kind and sizes; ``done.json``
+    records which (``start``). A finished run continues when ``cma.generations`` grows,
+    with a larger ``cma.population`` or more ``cma.episodes_per_candidate`` if those grow too.
+
     Writes to ``run/controller/``: ``es.pkl`` (checkpoint, every generation),
     ``history.csv``, ``best.safetensors``, ``last.safetensors``, ``done.json``. Resumes
     an interrupted run exactly; when finished, only loads.
@@ -392,14 +397,20 @@ def train_controller(
     def save(path: Path, params: np.ndarray, metadata: dict[str, str]) -> None:
         save_controller(path, params, shape, metadata)
 
+    def load(path: Path) -> np.ndarray:
+        saved = load_controller(path)
+        if saved.shape != shape:
+            raise ConfigError(f"cma.x0: {path} holds a controller {saved.shape}, but this run's controller is {shape}")
+        return saved.params
+
     own = executor is None
     if own:
         init_args = Agent.from_run(run, cfg).init_args(cfg)
         executor = make_executor(cfg.cma.workers, cfg.cma.scheduler, init=rollout_worker, init_args=init_args)
     try:
         result = evolve(
-            rollout_task, shape.n_params, cfg.cma, executor, checkpoint_dir=out,
-            max_generations=max_generations, save_params=save, quiet=quiet, desc="train-controller",
+            rollout_task, shape.n_params, cfg.cma, executor, checkpoint_dir=out, max_generations=max_generations,
+            save_params=save, x0=cfg.cma.x0 or None, load_params=load, quiet=quiet, desc="train-controller",
         )
     finally:
         if own:

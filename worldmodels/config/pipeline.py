@@ -136,12 +136,13 @@ class Config(_Section):
     def differences(self, other: Config, include_runtime: bool = False, allow_extensions: bool = False) -> list[str]:
         """The fields whose values differ, as ``"name: self != other"``.
 
-        Runtime-only fields are skipped unless `include_runtime`; with `allow_extensions`,
-        so are extendable fields whose value grows in `other` (see :meth:`extensions`).
+        Runtime-only fields are skipped unless `include_runtime`, and so are fields read only
+        when a stage starts (``cma.x0``); with `allow_extensions`, so are extendable fields
+        whose value grows in `other` (see :meth:`extensions`).
         """
         out = []
         for name, a, b, meta in _leaves(self, other, ""):
-            if a == b or (meta.get("runtime") and not include_runtime):
+            if a == b or ((meta.get("runtime") or meta.get("initial")) and not include_runtime):
                 continue
             if allow_extensions and meta.get("extendable") and b > a:
                 continue
@@ -149,7 +150,8 @@ class Config(_Section):
         return out
 
     def extensions(self, other: Config) -> dict[str, Any]:
-        """Extendable fields (``cma.generations``) whose value is larger in `other`: dotted name -> new value."""
+        """Extendable fields (``cma.generations``, ``cma.population``, ...) whose value is larger in
+        `other`: dotted name -> new value."""
         return {name: b for name, a, b, meta in _leaves(self, other, "") if meta.get("extendable") and b > a}
 
 

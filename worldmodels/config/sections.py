@@ -62,6 +62,12 @@ def _runtime(default: Any) -> Any:
     return field(default=default, metadata={"runtime": True})
 
 
+def _initial(default: Any) -> Any:
+    """A field read only when a stage starts (where CMA-ES's mean starts, say): once the stage has
+    begun its checkpoint holds what it read, so the field is not compared on resume."""
+    return field(default=default, metadata={"initial": True})
+
+
 def _check_fields(obj: Any, section: str) -> None:
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
@@ -222,12 +228,15 @@ class ControllerConfig(_Section):
 class CMAConfig(_Section):
     """CMA-ES training of the controller in the real environment."""
 
-    population: int = _bounded(64, 2, 100_000)
-    """Candidates per generation."""
-    episodes_per_candidate: int = _bounded(16, 1, 10_000)
-    """Episodes averaged into each candidate's fitness."""
+    population: int = _bounded(64, 2, 100_000, extendable=True)
+    """Candidates per generation (a run continues with a larger one from its mean, step size and covariance)."""
+    episodes_per_candidate: int = _bounded(16, 1, 10_000, extendable=True)
+    """Episodes averaged into each candidate's fitness (a run continues with more from its next generation)."""
     sigma0: float = _bounded(0.1, 1e-8, 100.0)
-    """Initial step size of CMA-ES (x0 is zero)."""
+    """Initial step size of CMA-ES."""
+    x0: str = _initial("")
+    """Controller file (safetensors) where CMA-ES's mean starts; empty: zeros. Read once, when the
+    evolution starts: a run that has begun goes on from its checkpoint whatever this says."""
     generations: int = _bounded(2000, 1, extendable=True)
     """Generations to run (a finished run continues when this grows)."""
     weight_decay: float = _bounded(0.01, 0.0)
