@@ -8,8 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from worldmodels.ablations import ABLATIONS, MAIN, ablation_config, ablation_dir, format_table, markdown_table, run_ablation, table
-from worldmodels.config import preset
+from worldmodels.ablations import (
+    ABLATIONS, MAIN, SEED_STRIDE, Paired, ablation_config, ablation_dir, format_table, markdown_table, paired,
+    run_ablation, seed_run_names, table,
+)
+from worldmodels.config import ConfigError, preset
 from worldmodels.mdrnn import MDRNN
 from worldmodels.runs import RunDir, write_bytes, write_json
 from worldmodels.runs import load_mdrnn, load_vae
@@ -140,6 +143,75 @@ def test_markdown_table_bolds_scores_and_marks_rows_not_evaluated():
         {"label": "untrained", "paper": "870 ± 120"},
     ]
     lines = markdown_table(rows).splitlines()
-    assert len(lines) == 4 and all(line.count("|") == 9 for line in lines)
-    assert lines[2] == "| full | 906 ± 21 | **805.2 ± 145.2** | 262 | 918 | 120 | 8,064 | 1.80 |"
-    assert lines[3] == "| untrained | 870 ± 120 | not evaluated yet | | | | | |"
+    assert len(lines) == 4 and all(line.count("|") == 11 for line in lines)
+    assert lines[2] == "| full | 906 ± 21 | **805.2 ± 145.2** | 262 | 918 | 120 | 8,064 | 1.80 | | |"
+    assert lines[3] == "| untrained | 870 ± 120 | not evaluated yet | | | | | | | |"
+
+
+# ----------------------------------------------------------------------------- paired comparison, seeds
+def _results(returns, seeds) -> dict:
+    r = np.asarray(returns, dtype=float)
+    return {"returns": list(map(float, r)), "seeds": list(seeds), "episodes": len(r), "mean": float(r.mean()),
+            "std": float(r.std()), "min": float(r.min()), "max": float(r.max()), "seconds": 1.0}
+
+
+def test_paired_difference_and_its_standard_error():
+    a = _results([10, 20, 30, 40], [1, 2, 3, 4])
+    b = _results([40, 8, 21, 25], [4, 1, 2, 3])  # the same tracks in another order
+    d = paired(a, b)  # per track: 2, -1, 5, 0
+    assert d == Paired(1.5, pytest.approx(np.sqrt(7) / 2), 4)  # sample std sqrt(21 / 3), over sqrt(4)
+    assert paired(b, a).difference == -1.5
+    assert np.isnan(paired(_results([1], [7]), _results([3], [7])).se)
+    with pytest.raises(ValueError, match=r"a has seeds \[1-4\] \(4 tracks\), b has seeds \[1, 2, 3, 5\] \(4 tracks\)"):
+        paired(a, _results([1, 2, 3, 4], [1, 2, 3, 5]))
+
+
+def test_seed_runs_change_only_the_training_seed():
+    assert seed_run_names(1) == []
+    assert seed_run_names(3) == ["seed2_zh", "seed2_z_hidden", "seed3_zh", "seed3_z_hidden"]
+    full2 = ablation_config(CFG, "seed2_zh")
+    assert CFG.differences(full2) == [f"cma.seed: {CFG.cma.seed} != {CFG.cma.seed + SEED_STRIDE}"]
+    hidden3 = ablation_config(CFG, "seed3_z_hidden")
+    assert hidden3.controller.kind == "z_hidden" and hidden3.cma.seed == CFG.cma.seed + 2 * SEED_STRIDE
+    for bad in ("seed1_zh", "seed2_z", "seed2_untrained_m"):
+        with pytest.raises(ValueError, match=f"unknown ablation '{bad}'.*seedK_zh"):
+            ablation_dir("runs/x", bad)
+    near = CFG.replace(**{"eval.seed": CFG.cma.seed + SEED_STRIDE + 10})  # seed 2's training tracks
+    with pytest.raises(ConfigError, match="eval.seed.*overlap the tracks of cma.seed"):
+        ablation_config(near, "seed2_zh")
+
+
+def test_table_compares_rows_with_the_full_model_and_gives_the_spread_between_seeds(tmp_path):
+    tracks = [CFG.eval.seed + i for i in range(4)]
+    main = RunDir(tmp_path / "run")
+    main.bind(CFG)
+    scores = {MAIN: [10, 20, 30, 40], "z": [8, 21, 25, 40], "z_hidden": [12, 20, 30, 42],
+              "seed2_zh": [11, 20, 33, 40], "seed2_z_hidden": [0, 20, 30, 40]}
+    for name, returns in scores.items():
+        run = main if name == MAIN else ablation_dir(main, name)
+        run.bind(ablation_config(CFG, name) if name != MAIN else CFG)
+        write_json(run.eval / "results.json", _results(returns, tracks))
+    rows = table(main)
+    assert [r["name"] for r in rows] == [MAIN, "z", "z_hidden", "seed2_zh", "seed2_z_hidden"]
+    assert rows[2]["label"] == ABLATIONS["z_hidden"].label
+    assert rows[4]["label"] == ABLATIONS["z_hidden"].label + " (training seed 2)"
+    assert "vs_full" not in rows[0]
+    assert rows[1]["vs_full"] == Paired(-1.5, pytest.approx(np.sqrt(7) / 2), 4)
+    assert rows[2]["vs_full"].difference == 1.0 and rows[3]["vs_full"].difference == 1.0
+    assert rows[0]["seed_means"] == [25.0, 26.0] and rows[0]["seed_spread"] == 1.0
+    assert rows[2]["seed_means"] == [26.0, 22.5] and rows[2]["seed_spread"] == 3.5
+    assert "seed_spread" not in rows[1]
+    text = format_table(rows)
+    assert "-1.5 ± 1.3" in text and "3.5 (2 seeds)" in text
+    assert markdown_table(rows).splitlines()[4].endswith("| +1.0 ± 0.6 | 3.5 (2 seeds) |")  # z_hidden: 2, 0, 0, 2
+
+
+def test_a_seed_run_trains_and_evaluates_at_tiny(main_run):
+    results = run_ablation(CFG, main_run, "seed2_z_hidden", quiet=True)
+    sub = ablation_dir(main_run, "seed2_z_hidden")
+    assert sub.path == main_run.path / "ablations" / "seed2_z_hidden"
+    cfg = sub.load_config()
+    assert cfg.cma.seed == CFG.cma.seed + SEED_STRIDE and cfg.controller.kind == "z_hidden"
+    assert torch.equal(load_vae(sub).fc_mu.weight, load_vae(main_run).fc_mu.weight)  # V is shared
+    assert results["seeds"] == [CFG.eval.seed + i for i in range(CFG.eval.episodes)]  # the same evaluation tracks
+    assert [r["name"] for r in table(main_run)] == [MAIN, "seed2_z_hidden"]

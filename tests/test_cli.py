@@ -72,6 +72,21 @@ def test_ablations_names_a_bad_ablation(tmp_path):
     assert out.returncode != 0 and "'w'" in out.stderr and "untrained_m" in out.stderr and "Traceback" not in out.stderr
 
 
+def test_ablations_with_two_seeds_trains_the_seed_runs_after_the_ablations(tmp_path, monkeypatch):
+    import worldmodels.ablations as ablations
+
+    trained = []
+    monkeypatch.setattr(ablations, "run_ablation", lambda cfg, run, name, **kw: trained.append(name))
+    monkeypatch.setattr(ablations, "table", lambda run: [])
+    main(["ablations", "--scale", "tiny", "--run-dir", str(tmp_path), "--seeds", "2", "--quiet"])
+    assert trained == ["z", "z_hidden", "untrained_m", "seed2_zh", "seed2_z_hidden"]
+    trained.clear()
+    main(["ablations", "--scale", "tiny", "--run-dir", str(tmp_path), "--name", "seed3_zh", "--quiet"])
+    assert trained == ["seed3_zh"]
+    with pytest.raises(SystemExit, match="--seeds 0 is out of range"):
+        main(["ablations", "--scale", "tiny", "--run-dir", str(tmp_path), "--seeds", "0"])
+
+
 def test_pipeline_on_finished_v_and_m_collects_nothing(fake_run):
     from worldmodels.config import preset
 

@@ -15,6 +15,12 @@ name               what the controller sees                          paper (100 
 ``untrained_m``    V and an *untrained* M's h (random LSTM weights)  CT: 870 ± 120
 =================  ================================================  =====================
 
+Each row is compared with the full model over the same evaluation tracks (:func:`paired`:
+the mean per-track difference and its standard error). The full model and the V-only
+hidden-layer controller can be trained again with other training seeds, ``seedK_zh`` and
+``seedK_z_hidden`` (K = 2, 3, ...), whose CMA-ES draws other candidates on other training
+and validation tracks (:data:`SEED_STRIDE`); the table gives the spread between seeds.
+
 >>> import worldmodels as wm
 >>> wm.ablations.run_ablation(cfg, "runs/book", "z")       # doctest: +SKIP
 >>> wm.ablations.table("runs/book")                         # doctest: +SKIP
@@ -22,14 +28,18 @@ name               what the controller sees                          paper (100 
 
 from __future__ import annotations
 
+import math
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, NamedTuple
+
+import numpy as np
 
 from worldmodels.config import Config
 from worldmodels.runs import (
-    ABLATIONS_FOLDER, BEST_WEIGHTS, DONE_FILE, HISTORY_FILE, METRICS_FILE, RESULTS_FILE, SELECTION_FILE, RunDir,
+    ABLATIONS_FOLDER, BEST_WEIGHTS, CONFIG_FILE, DONE_FILE, HISTORY_FILE, METRICS_FILE, RESULTS_FILE, SELECTION_FILE, RunDir,
     as_run_dir, atomic_path, read_json,
 )
 
@@ -55,22 +65,92 @@ ABLATIONS: dict[str, Ablation] = {
 }
 MAIN_ROW = Ablation("World Model, a = W [z, h] + b", {}, "906 ± 21")
 
+SEEDED = {"zh": MAIN_ROW, "z_hidden": ABLATIONS["z_hidden"]}
+"""The rows trained again with other training seeds, by the controller kind in their runs' names."""
+SEED_STRIDE = 1_000_000
+"""Training seed K of a row evolves with ``cma.seed + (K - 1) * SEED_STRIDE``: its training and
+validation tracks (below ``cma.seed + 500,000 + validation episodes``) are disjoint from seed 1's."""
+_SEED_RUN = re.compile(r"seed(\d+)_(zh|z_hidden)")
+
 _SHARED_FILES = (DONE_FILE, METRICS_FILE)
 """Besides the weights, what an ablation copies of the main run's finished V and M."""
 
 
+def seed_run_name(kind: str, seed: int) -> str:
+    """The run of row `kind` ('zh': the full model, or 'z_hidden') trained with training seed `seed` (2, 3, ...)."""
+    if kind not in SEEDED or seed < 2:
+        raise ValueError(f"no seed run {kind!r} {seed}: the kind is one of {', '.join(SEEDED)}, the seed 2 or more")
+    return f"seed{seed}_{kind}"
+
+
+def seed_run_names(seeds: int) -> list[str]:
+    """The runs that give `seeds` training seeds to each row of :data:`SEEDED` (the main run and
+    the ablation are seed 1): ``seed2_zh, seed2_z_hidden, seed3_zh, ...``."""
+    return [seed_run_name(kind, k) for k in range(2, seeds + 1) for kind in SEEDED]
+
+
+def _parse(name: str) -> tuple[Ablation, dict[str, Any], int]:
+    """An ablation's or seed run's row, its changes to the main run's config (besides the seed) and training seed."""
+    if name in ABLATIONS:
+        return ABLATIONS[name], ABLATIONS[name].overrides, 1
+    match = _SEED_RUN.fullmatch(name)
+    if match is None or int(match[1]) < 2:
+        raise ValueError(
+            f"unknown ablation {name!r}: choose one of {', '.join(ABLATIONS)}, or seedK_zh / seedK_z_hidden (K >= 2)"
+        )
+    row = SEEDED[match[2]]
+    return row, row.overrides, int(match[1])
+
+
 def ablation_dir(run: str | Path | RunDir, name: str) -> RunDir:
     """``RUN/ablations/NAME``; an unknown name raises ValueError listing the known ones."""
-    if name not in ABLATIONS:
-        raise ValueError(f"unknown ablation {name!r}: choose one of {', '.join(ABLATIONS)}")
+    _parse(name)
     return RunDir(as_run_dir(run).path / ABLATIONS_FOLDER / name)
 
 
 def ablation_config(cfg: Config, name: str) -> Config:
-    """The main run's config `cfg` with ablation `name`'s change."""
-    if name not in ABLATIONS:
-        raise ValueError(f"unknown ablation {name!r}: choose one of {', '.join(ABLATIONS)}")
-    return cfg.replace(**ABLATIONS[name].overrides)
+    """The main run's config `cfg` with ablation `name`'s change (a seed run: its ``cma.seed`` too)."""
+    _, overrides, seed = _parse(name)
+    if seed > 1:
+        overrides = {**overrides, "cma.seed": cfg.cma.seed + (seed - 1) * SEED_STRIDE}
+    return cfg.replace(**overrides)
+
+
+class Paired(NamedTuple):
+    """A paired comparison of two controllers over the same tracks."""
+
+    difference: float
+    """Mean over the tracks of (a's return - b's return)."""
+    se: float
+    """Its standard error: the sample standard deviation of the per-track differences / sqrt(n)
+    (NaN for a single track)."""
+    n: int
+    """Tracks."""
+
+
+def paired(a: Mapping[str, Any], b: Mapping[str, Any]) -> Paired:
+    """Compare two evaluations (``results.json``: ``returns`` and ``seeds``) track by track.
+
+    Both must have driven the same tracks (in any order); otherwise ValueError names both seed lists.
+    """
+    seeds_a, seeds_b = [int(x) for x in a["seeds"]], [int(x) for x in b["seeds"]]
+    if sorted(seeds_a) != sorted(seeds_b) or len(set(seeds_a)) != len(seeds_a):
+        raise ValueError(
+            f"a paired comparison needs the same tracks once each: a has seeds {_seed_list(seeds_a)}, "
+            f"b has seeds {_seed_list(seeds_b)}"
+        )
+    by_seed = dict(zip(seeds_b, b["returns"]))
+    d = np.array([ra - by_seed[s] for s, ra in zip(seeds_a, a["returns"])], dtype=np.float64)
+    se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else math.nan
+    return Paired(float(d.mean()), se, len(d))
+
+
+def _seed_list(seeds: list[int]) -> str:
+    """Seeds as a short phrase: ``[5-9] (5 tracks)`` when consecutive, else the first ones."""
+    if seeds and seeds == list(range(seeds[0], seeds[0] + len(seeds))):
+        return f"[{seeds[0]}-{seeds[-1]}] ({len(seeds)} tracks)"
+    shown = ", ".join(map(str, seeds[:6])) + (", ..." if len(seeds) > 6 else "")
+    return f"[{shown}] ({len(seeds)} tracks)"
 
 
 def _share(main: RunDir, sub: RunDir, stage: str) -> None:
@@ -121,7 +201,7 @@ def run_ablation(
     max_generations: int | None = None,
     evaluate: bool = True,
 ) -> dict[str, Any] | None:
-    """Train and evaluate ablation `name` of the main run `run` (config `cfg`); resumes like every stage.
+    """Train and evaluate ablation or seed run `name` of the main run `run` (config `cfg`); resumes like every stage.
 
     V (and M where the ablation reads a trained one) are copied from the main run, which
     must have finished them; an untrained M is built from ``cfg.train_seed``. The
@@ -156,10 +236,11 @@ def run_ablation(
     return evaluate_run(sub, sub_cfg)
 
 
-def _row(name: str, ablation: Ablation, run: RunDir) -> dict[str, Any]:
+def _row(name: str, ablation: Ablation, run: RunDir, seed: int = 1) -> dict[str, Any]:
     from worldmodels.evolution import read_history
 
-    row: dict[str, Any] = {"name": name, "label": ablation.label, "paper": ablation.paper}
+    label = ablation.label if seed == 1 else f"{ablation.label} (training seed {seed})"
+    row: dict[str, Any] = {"name": name, "label": label, "paper": ablation.paper}
     history_path = run.controller / HISTORY_FILE
     history = read_history(history_path) if history_path.exists() else None
     if history is not None:
@@ -171,7 +252,11 @@ def _row(name: str, ablation: Ablation, run: RunDir) -> dict[str, Any]:
         row["episodes_per_generation"] = cfg.cma.population * cfg.cma.episodes_per_candidate
     if cfg is not None and history is not None:  # training, validation of the mean, final selection
         validations = sum(h["val_mean"] is not None for h in history)
-        row["controller_episodes"] = len(history) * row["episodes_per_generation"] + validations * cfg.cma.eval_episodes
+        c = cfg.cma  # population and episodes per candidate as each generation had them (older histories: the config's)
+        row["controller_episodes"] = validations * c.eval_episodes + sum(
+            int(h["population"] or c.population) * int(h["episodes_per_candidate"] or c.episodes_per_candidate)
+            for h in history
+        )
         selection_path = run.controller / SELECTION_FILE
         if selection_path.exists():
             selection = read_json(selection_path)
@@ -183,17 +268,52 @@ def _row(name: str, ablation: Ablation, run: RunDir) -> dict[str, Any]:
     return row
 
 
+def _seed_runs(main: RunDir) -> list[tuple[str, int]]:
+    """The seed runs that have a run directory: (name, seed), by seed, then in the order of :data:`SEEDED`."""
+    folder = main.path / ABLATIONS_FOLDER
+    found = [_SEED_RUN.fullmatch(p.name) for p in folder.iterdir()] if folder.is_dir() else []
+    runs = [(m[0], int(m[1]), list(SEEDED).index(m[2])) for m in found if m and int(m[1]) >= 2]
+    return [(name, seed) for name, seed, _ in sorted(runs, key=lambda r: (r[1], r[2]))
+            if (folder / name / CONFIG_FILE).exists()]
+
+
 def table(run: str | Path | RunDir) -> list[dict[str, Any]]:
     """The ablation table of a main run: one dict per row (the main run first, then each ablation
-    that has a run directory), with the paper's score, the evaluation (episodes, mean, std, min,
-    max, seconds) and the controller's compute (generations, episodes per generation, episodes
-    in all with validation and final selection, seconds)."""
+    that has a run directory, then each seed run), with the paper's score, the evaluation
+    (episodes, mean, std, min, max, seconds) and the controller's compute (generations, episodes
+    per generation, episodes in all with validation and final selection, seconds).
+
+    An evaluated row other than the main run has ``vs_full``, its :func:`paired` comparison with
+    the evaluated main run (this row minus the full model); the main run's row and the
+    ``z_hidden`` row have, once a seed run of theirs is evaluated, ``seed_means`` (seed 1's
+    first) and ``seed_spread`` (the largest minus the smallest).
+    """
     main = as_run_dir(run)
     rows = [_row(MAIN, MAIN_ROW, main)]
+    results = {MAIN: current_results(main)}
     for name, ablation in ABLATIONS.items():
         sub = ablation_dir(main, name)
         if sub.config_path.exists():
             rows.append(_row(name, ablation, sub))
+            results[name] = current_results(sub)
+    seed_rows = []
+    for name, seed in _seed_runs(main):
+        ablation, _, _ = _parse(name)
+        sub = ablation_dir(main, name)
+        seed_rows.append(_row(name, ablation, sub, seed))
+        results[name] = current_results(sub)
+    rows += seed_rows
+    full = results[MAIN]
+    for row in rows[1:]:
+        mine = results[row["name"]]
+        if full is not None and mine is not None and sorted(mine["seeds"]) == sorted(full["seeds"]):
+            row["vs_full"] = paired(mine, full)
+    for kind, first in ((k, MAIN if k == "zh" else k) for k in SEEDED):
+        base = next((r for r in rows if r["name"] == first), None)
+        others = [r for r in seed_rows if r["name"].endswith(f"_{kind}") and "mean" in r]
+        if base is not None and "mean" in base and others:
+            base["seed_means"] = [base["mean"]] + [r["mean"] for r in others]
+            base["seed_spread"] = max(base["seed_means"]) - min(base["seed_means"])
     return rows
 
 
@@ -202,20 +322,36 @@ def _controller_hours(row: dict[str, Any]) -> float:
     return ((row.get("controller_seconds") or 0.0) + (row.get("eval_seconds") or 0.0)) / 3600
 
 
+def _vs_full(row: dict[str, Any]) -> str:
+    """A row's paired difference to the full model, ``-12.3 ± 4.5``; empty without one."""
+    if row.get("vs_full") is None:
+        return ""
+    d = row["vs_full"]
+    return f"{d.difference:+.1f} ± {d.se:.1f}"
+
+
+def _seed_spread(row: dict[str, Any]) -> str:
+    """A row's spread between training seeds, ``15.2 (2 seeds)``; empty without one."""
+    return f"{row['seed_spread']:.1f} ({len(row['seed_means'])} seeds)" if "seed_spread" in row else ""
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     """The rows of :func:`table` as a fixed-width text table; "C episodes" counts the controller's
-    training, validation and selection episodes, "C hours" adds the evaluation's time to theirs."""
+    training, validation and selection episodes, "C hours" adds the evaluation's time to theirs;
+    "vs full" is the paired difference to the full model ± its standard error, "seed spread"
+    the largest minus the smallest score over training seeds."""
     lines = [
-        f"{'setting':40s} {'paper':>26s} {'this run':>18s} {'min':>5s} {'max':>5s} "
-        f"{'generations':>11s} {'C episodes':>10s} {'C hours':>8s}"
+        f"{'setting':60s} {'paper':>26s} {'this run':>18s} {'min':>5s} {'max':>5s} "
+        f"{'generations':>11s} {'C episodes':>10s} {'C hours':>8s} {'vs full':>16s} {'seed spread':>16s}"
     ]
     for r in rows:
         score = f"{r['mean']:.0f} ± {r['std']:.0f}" if "mean" in r else "not evaluated"
         low = f"{r['min']:.0f}" if "min" in r else ""
         high = f"{r['max']:.0f}" if "max" in r else ""
         lines.append(
-            f"{r['label']:40s} {r['paper']:>26s} {score:>18s} {low:>5s} {high:>5s} "
-            f"{r.get('generations', 0):>11d} {r.get('controller_episodes', 0):>10,d} {_controller_hours(r):>8.2f}"
+            f"{r['label']:60s} {r['paper']:>26s} {score:>18s} {low:>5s} {high:>5s} "
+            f"{r.get('generations', 0):>11d} {r.get('controller_episodes', 0):>10,d} {_controller_hours(r):>8.2f} "
+            f"{_vs_full(r):>16s} {_seed_spread(r):>16s}"
         )
     return "\n".join(lines)
 
@@ -224,15 +360,17 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     """The rows of :func:`table` as a Markdown table (the README's), scores in bold; a row not
     evaluated yet says so and leaves its other cells empty."""
     lines = [
-        "| setting | paper | this run | min | max | generations | C episodes | C hours |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| setting | paper | this run | min | max | generations | C episodes | C hours | vs full (± SE) | seed spread |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         if "mean" not in r:
-            lines.append(f"| {r['label']} | {r['paper']} | not evaluated yet | | | | | |")
-            continue
-        lines.append(
-            f"| {r['label']} | {r['paper']} | **{r['mean']:.1f} ± {r['std']:.1f}** | {r['min']:.0f} | {r['max']:.0f} "
-            f"| {r.get('generations', 0)} | {r.get('controller_episodes', 0):,d} | {_controller_hours(r):.2f} |"
-        )
+            cells = [r["label"], r["paper"], "not evaluated yet"] + [""] * 7
+        else:
+            cells = [
+                r["label"], r["paper"], f"**{r['mean']:.1f} ± {r['std']:.1f}**", f"{r['min']:.0f}", f"{r['max']:.0f}",
+                str(r.get("generations", 0)), f"{r.get('controller_episodes', 0):,d}", f"{_controller_hours(r):.2f}",
+                _vs_full(r), _seed_spread(r),
+            ]
+        lines.append("|" + "|".join(f" {c} " if c else " " for c in cells) + "|")
     return "\n".join(lines)

@@ -236,7 +236,11 @@ class Ablations(Common):
     hidden layer, an untrained M), each in RUN_DIR/ablations/NAME, evaluated like the run; prints the table."""
 
     name: str = "all"
-    """Which ablation: 'z', 'z_hidden', 'untrained_m', or 'all' (one after another)."""
+    """Which ablation: 'z', 'z_hidden', 'untrained_m', a seed run ('seed2_zh', 'seed2_z_hidden', ...),
+    or 'all' (one after another)."""
+    seeds: int = 1
+    """Training seeds of the full model and of the hidden-layer V-only controller: with 'all', 2 or
+    more also trains RUN_DIR/ablations/seedK_zh and seedK_z_hidden for K = 2..seeds."""
     workers: int | None = None
     """Local worker processes (default: cma.workers; 0: one per core)."""
     max_generations: int | None = None
@@ -244,12 +248,16 @@ class Ablations(Common):
 
 
 def run_ablations(args: Ablations) -> None:
-    from worldmodels.ablations import ABLATIONS, format_table, run_ablation, table
+    from worldmodels.ablations import ABLATIONS, ablation_dir, format_table, run_ablation, seed_run_names, table
 
-    names = list(ABLATIONS) if args.name == "all" else [args.name]
-    unknown = [n for n in names if n not in ABLATIONS]
-    if unknown:
-        raise ConfigError(f"--name {unknown[0]!r} is not an ablation: choose one of {', '.join(ABLATIONS)} or 'all'")
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds {args.seeds} is out of range: allowed [1, inf]")
+    names = [*ABLATIONS, *seed_run_names(args.seeds)] if args.name == "all" else [args.name]
+    try:
+        for name in names:
+            ablation_dir(args.run_dir, name)
+    except ValueError as e:
+        raise ConfigError(f"--name: {e} or 'all'") from e
     cfg = _controller_config(args, None, args.workers)
     for name in names:
         if not args.quiet:
