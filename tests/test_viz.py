@@ -216,3 +216,26 @@ def test_figure_to_array_and_video_file(tmp_path):
     assert rgb.shape == (50, 100, 3) and rgb.dtype == np.uint8
     gif = viz.save_video(frames(3), tmp_path / "v.gif", fps=5)
     assert viz.video_file_html(gif).startswith('<img src="data:image/gif;base64,')
+
+
+def test_score_against_cpu_hours_beside_the_papers_curve(tmp_path):
+    history = tmp_path / "history.csv"  # four generations of 36 s, validated at 1 and 3; no cumulative column
+    history.write_text("generation,val_mean,seconds\n0,,36\n1,500.0,36\n2,,36\n3,600.0,36\n")
+    hours, scores = viz.score_vs_cpu_hours(history, cores=2)
+    np.testing.assert_allclose(hours, [72 / 3600 * 2, 144 / 3600 * 2])
+    assert scores.tolist() == [500.0, 600.0]
+    assert [(p.generation, p.score, p.days) for p in viz.PAPER_CURVE] == [(25, 822.9, 0.65), (200, 880.0, 4.8),
+                                                                          (1800, 900.46, 46.6)]
+    with pytest.raises(ValueError, match="cores = 0"):
+        viz.score_vs_cpu_hours(history, cores=0)
+    fig = viz.plot_score_vs_cpu_hours({"book": (history, 2)})
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log"
+    ours, paper = ax.lines[0], ax.lines[1]
+    np.testing.assert_allclose(ours.get_xdata(), [0.04, 0.08])
+    np.testing.assert_allclose(ours.get_ydata(), [500.0, 600.0])
+    np.testing.assert_allclose(paper.get_xdata(), [0.65 * 24 * 64, 4.8 * 24 * 64, 46.6 * 24 * 64])
+    np.testing.assert_allclose(paper.get_ydata(), [822.9, 880.0, 900.46])
+    assert [line.get_marker() for line in ax.lines[2:]] == ["o", "^", "o"]  # >= 880 is a lower bound
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["book", "paper (64 cores)"]
+    plt.close(fig)

@@ -27,7 +27,7 @@ import base64
 import csv
 import io
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -311,6 +311,81 @@ def save_video(frames, path: str | Path, fps: int = 25) -> Path:
     else:
         iio.imwrite(path, to_uint8(frames), fps=fps)
     return path
+
+
+# --- the score against compute --------------------------------------------------------------
+
+
+class PaperPoint(NamedTuple):
+    """One point of the paper's CarRacing learning curve."""
+
+    generation: int
+    score: float
+    """The mean's score on the authors' 1,024 validation episodes."""
+    days: float
+    """Wall time since the start of the controller's training."""
+    at_least: bool = False
+    """The log gives a lower bound (">= 880"), not the score itself."""
+
+
+PAPER_CURVE = (PaperPoint(25, 822.9, 0.65), PaperPoint(200, 880.0, 4.8, at_least=True), PaperPoint(1800, 900.46, 46.6))
+"""The paper's controller on CarRacing: score against generation and days (Ha & Schmidhuber 2018,
+arXiv 1803.10122, and the CarRacing training log of the authors' code, hardmaru/WorldModelsExperiments)."""
+PAPER_CORES = 64
+"""Cores of the machine that ran :data:`PAPER_CURVE` (one worker per core, 64 candidates per generation)."""
+
+
+def cpu_hours(days: float, cores: int) -> float:
+    """Wall days on `cores` cores as CPU-hours."""
+    return days * 24 * cores
+
+
+def score_vs_cpu_hours(history: list[dict] | str | Path, cores: int) -> tuple[np.ndarray, np.ndarray]:
+    """A controller's learning curve in compute: (CPU-hours, validation mean) at each validated generation.
+
+    `history` is a run's ``history.csv`` (or its rows, :func:`worldmodels.evolution.read_history`);
+    CPU-hours are the cumulative wall seconds / 3600 times `cores`, the cores that ran it.
+    """
+    from worldmodels.evolution import read_history
+
+    if cores < 1:
+        raise ValueError(f"cores = {cores}: the cores that ran the history must be 1 or more")
+    rows = read_history(history) if isinstance(history, (str, Path)) else history
+    validated = [r for r in rows if r.get("val_mean") is not None]
+    hours = np.array([r["cumulative_seconds"] / 3600 * cores for r in validated], dtype=float)
+    return hours, np.array([r["val_mean"] for r in validated], dtype=float)
+
+
+def plot_score_vs_cpu_hours(runs: Mapping[str, tuple[list[dict] | str | Path, int]], ax=None):
+    """Validation mean against CPU-hours (log scale) of each run, beside the paper's curve.
+
+    `runs` maps a label to (its history, the cores that ran it); see :func:`score_vs_cpu_hours`.
+    The paper's points (:data:`PAPER_CURVE`, on :data:`PAPER_CORES` cores) are labelled with their
+    generation; the one the log gives as a lower bound is drawn as an upward triangle.
+    """
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    else:
+        fig = ax.figure
+    for label, (history, cores) in runs.items():
+        hours, scores = score_vs_cpu_hours(history, cores)
+        ax.plot(hours, scores, marker=".", label=label)
+    x = [cpu_hours(p.days, PAPER_CORES) for p in PAPER_CURVE]
+    y = [p.score for p in PAPER_CURVE]
+    ax.plot(x, y, color="k", ls=":", lw=1, label=f"paper ({PAPER_CORES} cores)")
+    for p, xi in zip(PAPER_CURVE, x):
+        ax.plot(xi, p.score, "k^" if p.at_least else "ko", ms=6)
+        ax.annotate(f"{'≥ ' if p.at_least else ''}{p.score:g}, gen. {p.generation}", (xi, p.score),
+                    textcoords="offset points", xytext=(-6, 7), ha="right", fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("CPU-hours of the controller's evolution (wall hours × cores)")
+    ax.set_ylabel("validation mean")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return fig
 
 
 # --- the toy problem of chapter 5 ------------------------------------------------------------
