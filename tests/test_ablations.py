@@ -173,6 +173,9 @@ def test_seed_runs_change_only_the_training_seed():
     assert CFG.differences(full2) == [f"cma.seed: {CFG.cma.seed} != {CFG.cma.seed + SEED_STRIDE}"]
     hidden3 = ablation_config(CFG, "seed3_z_hidden")
     assert hidden3.controller.kind == "z_hidden" and hidden3.cma.seed == CFG.cma.seed + 2 * SEED_STRIDE
+    started = CFG.replace(**{"cma.x0": "runs/x/controller/dream.safetensors"})  # the full model's controller
+    assert ablation_config(started, "seed2_zh").cma.x0 == started.cma.x0
+    assert [ablation_config(started, n).cma.x0 for n in ("seed2_z_hidden", *ABLATIONS)] == [""] * 4
     for bad in ("seed1_zh", "seed2_z", "seed2_untrained_m"):
         with pytest.raises(ValueError, match=f"unknown ablation '{bad}'.*seedK_zh"):
             ablation_dir("runs/x", bad)

@@ -109,10 +109,16 @@ def ablation_dir(run: str | Path | RunDir, name: str) -> RunDir:
 
 
 def ablation_config(cfg: Config, name: str) -> Config:
-    """The main run's config `cfg` with ablation `name`'s change (a seed run: its ``cma.seed`` too)."""
-    _, overrides, seed = _parse(name)
+    """The main run's config `cfg` with ablation `name`'s change (a seed run: its ``cma.seed`` too).
+
+    An ablation's CMA-ES starts at zeros whatever the main run's ``cma.x0``, whose controller
+    is the full model's; a seed run of the full model starts where the main run did.
+    """
+    row, overrides, seed = _parse(name)
     if seed > 1:
         overrides = {**overrides, "cma.seed": cfg.cma.seed + (seed - 1) * SEED_STRIDE}
+    if row is not MAIN_ROW:
+        overrides = {**overrides, "cma.x0": ""}
     return cfg.replace(**overrides)
 
 
