@@ -387,5 +387,6 @@ def test_train_controller_refuses_an_x0_of_another_shape(tmp_path, fake_run):
     other = ControllerShape("z", cfg.vae.z_size)
     x0 = tmp_path / "z.safetensors"
     save_controller(x0, np.zeros(other.n_params), other)
-    with pytest.raises(ConfigError, match=r"cma.x0: .*z.safetensors holds a controller .*kind='z'.*this run's controller is .*kind='zh'"):
+    message = r"cma.x0: .*z.safetensors holds a controller .*kind='z'.*this run's controller is .*kind='zh'"
+    with pytest.raises(ConfigError, match=message):
         train_controller(cfg.replace(**{"cma.x0": str(x0)}), run, quiet=True, executor=InlineExecutor(init=_boom))

@@ -39,8 +39,8 @@ import numpy as np
 
 from worldmodels.config import Config
 from worldmodels.runs import (
-    ABLATIONS_FOLDER, BEST_WEIGHTS, CONFIG_FILE, DONE_FILE, HISTORY_FILE, METRICS_FILE, RESULTS_FILE, SELECTION_FILE, RunDir,
-    as_run_dir, atomic_path, read_json,
+    ABLATIONS_FOLDER, BEST_WEIGHTS, CONFIG_FILE, DONE_FILE, HISTORY_FILE, METRICS_FILE, RESULTS_FILE, SELECTION_FILE,
+    RunDir, as_run_dir, atomic_path, read_json,
 )
 
 
