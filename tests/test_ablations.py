@@ -105,7 +105,7 @@ def test_a_controller_evolved_for_longer_is_evaluated_again(main_run):
     from worldmodels.ablations import is_evaluated
 
     first = run_ablation(CFG, main_run, "z", quiet=True)
-    assert first["controller_generations"] == 1
+    assert first["controller_generations"] == 1 and first["controller_generation"] == 0
     longer = CFG.replace(**{"cma.generations": 3})
     # Continued and interrupted (history.csv has grown, done.json not yet), then finished unevaluated:
     # the results on disk are the one-generation controller's, stale, neither returned nor tabled.
@@ -218,3 +218,19 @@ def test_a_seed_run_trains_and_evaluates_at_tiny(main_run):
     assert torch.equal(load_vae(sub).fc_mu.weight, load_vae(main_run).fc_mu.weight)  # V is shared
     assert results["seeds"] == [CFG.eval.seed + i for i in range(CFG.eval.episodes)]  # the same evaluation tracks
     assert [r["name"] for r in table(main_run)] == [MAIN, "seed2_z_hidden"]
+
+
+def test_results_of_a_controller_chosen_again_are_stale(tmp_path):
+    from worldmodels.ablations import current_results
+    from worldmodels.controller import ControllerShape, save_controller
+
+    run = RunDir(tmp_path / "run")
+    run.bind(CFG)
+    shape = ControllerShape.from_config(CFG)
+    save_controller(run.controller / "best.safetensors", np.zeros(shape.n_params), shape, {"generation": "7"})
+    write_json(run.controller / "done.json", {"generations": 10})
+    results = {**_results([1.0, 2.0], [5, 6]), "controller_generations": 10, "controller_generation": 7}
+    write_json(run.eval / "results.json", results)
+    assert current_results(run) == results
+    save_controller(run.controller / "best.safetensors", np.ones(shape.n_params), shape, {"generation": "5"})
+    assert current_results(run) is None  # a larger final selection chose generation 5 instead

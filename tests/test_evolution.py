@@ -390,3 +390,25 @@ def test_train_controller_refuses_an_x0_of_another_shape(tmp_path, fake_run):
     message = r"cma.x0: .*z.safetensors holds a controller .*kind='z'.*this run's controller is .*kind='zh'"
     with pytest.raises(ConfigError, match=message):
         train_controller(cfg.replace(**{"cma.x0": str(x0)}), run, quiet=True, executor=InlineExecutor(init=_boom))
+
+
+def _select_only(state, task):
+    if task.kind == "train":
+        raise AssertionError("a larger final selection alone must not train")
+    return _track_task(state, task)
+
+
+def test_a_larger_final_selection_selects_again_without_training(tmp_path):
+    from worldmodels.evolution import is_finished
+
+    cfg = sphere_cfg(generations=6, eval_every=1, eval_episodes=2, select_top=2, select_episodes=3)
+    ex = InlineExecutor(init=lambda: None)
+    evolve(_track_task, 5, cfg, ex, checkpoint_dir=tmp_path, quiet=True)
+    larger = sphere_cfg(generations=6, eval_every=1, eval_episodes=2, select_top=4, select_episodes=5)
+    assert is_finished(tmp_path, cfg) and not is_finished(tmp_path, larger)
+    result = evolve(_select_only, 5, larger, ex, checkpoint_dir=tmp_path, quiet=True)
+    selection = json.loads((tmp_path / "selection.json").read_text())
+    assert selection["select_top"] == 4 and len(selection["candidates"]) == 4 and selection["selection_episodes"] == 5
+    assert result.best_score == max(c["combined_mean"] for c in selection["candidates"])
+    assert is_finished(tmp_path, larger)
+    assert len(read_history(tmp_path / "history.csv")) == 6

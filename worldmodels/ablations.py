@@ -40,7 +40,7 @@ import numpy as np
 from worldmodels.config import Config
 from worldmodels.runs import (
     ABLATIONS_FOLDER, BEST_WEIGHTS, CONFIG_FILE, DONE_FILE, HISTORY_FILE, METRICS_FILE, RESULTS_FILE, SELECTION_FILE,
-    RunDir, as_run_dir, atomic_path, read_json,
+    RunDir, as_run_dir, atomic_path, read_json, weights_metadata,
 )
 
 
@@ -177,7 +177,9 @@ def _share(main: RunDir, sub: RunDir, stage: str) -> None:
 def current_results(run: RunDir) -> dict[str, Any] | None:
     """``run/eval/results.json``, or None when there is none or it evaluated a controller that has
     since evolved for more generations (its ``controller_generations`` is not the number in
-    ``done.json`` or in ``history.csv``, which grows first when a run is continued)."""
+    ``done.json`` or in ``history.csv``, which grows first when a run is continued) or been
+    replaced by another final selection (its ``controller_generation`` is not the one in
+    ``best.safetensors``)."""
     from worldmodels.evolution import read_history
 
     results_path = run.eval / RESULTS_FILE
@@ -189,6 +191,10 @@ def current_results(run: RunDir) -> dict[str, Any] | None:
     trained = [read_json(done_path)["generations"]] if done_path.exists() else []
     trained += [len(read_history(history_path))] if history_path.exists() else []
     if evaluated is not None and any(t != evaluated for t in trained):
+        return None
+    best = run.controller / BEST_WEIGHTS["controller"]
+    chosen = results.get("controller_generation")
+    if chosen is not None and best.exists() and weights_metadata(best).get("generation") != str(chosen):
         return None
     return results
 

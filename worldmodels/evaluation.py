@@ -38,6 +38,7 @@ from worldmodels.runs import (
     RunDirError,
     as_run_dir,
     read_json,
+    weights_metadata,
     write_bytes,
     write_json,
 )
@@ -156,8 +157,9 @@ def evaluate_run(
     ``cfg.cma.envs_per_worker`` episodes within ``cfg.cma.task_timeout`` seconds. Writes and
     returns ``run/eval/results.json``: returns, seeds, episodes, mean, std, min, max,
     the controller's path, max_steps, the seconds it took and, for the run's own best
-    controller, ``controller_generations`` (the generations it was chosen from, so that
-    results of a controller since evolved for longer are known to be stale).
+    controller, ``controller_generations`` (the generations it was chosen from) and
+    ``controller_generation`` (the one chosen), so that results of a controller since evolved
+    for longer, or chosen again by a larger final selection, are known to be stale.
     """
     run = as_run_dir(run)
     cfg = cfg or run.load_config()
@@ -175,6 +177,9 @@ def evaluate_run(
     done = run.controller / DONE_FILE
     if controller is None and done.exists():
         out["controller_generations"] = read_json(done)["generations"]
+        chosen = weights_metadata(path).get("generation")
+        if chosen is not None:
+            out["controller_generation"] = int(chosen)
     write_json(run.eval / RESULTS_FILE, out)
     return out
 

@@ -430,7 +430,7 @@ def evolve(
             bar.update(1)
             bar.set_postfix(_postfix(row))
     finished = state.generation >= cma_cfg.generations
-    if finished and cma_cfg.select_top and (state.selection or {}).get("generation") != state.generation:
+    if finished and cma_cfg.select_top and not _selection_is_current(state.selection, state.generation, cma_cfg):
         select_final(state, scorer)
         files.save_selection(state)
     if finished:
@@ -484,11 +484,22 @@ def select_final(state: EvolutionState, scorer: Scorer) -> dict:
         "generation": state.generation,
         "tracks": [int(seeds[0]), int(seeds[-1])] if len(seeds) else [],
         "validation_episodes": n_val,
+        "select_top": cma_cfg.select_top,
         "selection_episodes": len(seeds),
         "candidates": rows,
         "chosen_generation": state.best_generation,
     }
     return state.selection
+
+
+def _selection_is_current(selection: dict | None, generation: int, cma_cfg: CMAConfig) -> bool:
+    """Whether `selection` chose among the means of `generation` generations as ``cma_cfg`` asks
+    (a selection written before ``select_top`` was recorded is taken to have used the config's)."""
+    return (
+        selection is not None and selection["generation"] == generation
+        and selection.get("select_top", cma_cfg.select_top) == cma_cfg.select_top
+        and selection["selection_episodes"] == cma_cfg.select_episodes
+    )
 
 
 def _finished_generations(done_path: Path) -> int | None:
@@ -504,9 +515,9 @@ def is_finished(folder: Path, cma_cfg: CMAConfig, prefix: str = "") -> bool:
     done = _finished_generations(files.path(DONE_FILE))
     if done is None or done < cma_cfg.generations or not files.path(BEST_WEIGHTS["controller"]).exists():
         return False
-    if cma_cfg.select_top:  # the final selection must have run on the last generation
+    if cma_cfg.select_top:  # the final selection must have run on the last generation, at the config's size
         selection = files.path(SELECTION_FILE)
-        return selection.exists() and read_json(selection)["generation"] == done
+        return selection.exists() and _selection_is_current(read_json(selection), done, cma_cfg)
     return True
 
 

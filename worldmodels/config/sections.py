@@ -245,11 +245,13 @@ class CMAConfig(_Section):
     """Evaluate the distribution's mean every this many generations."""
     eval_episodes: int = _bounded(1024, 1)
     """Validation episodes for each periodic evaluation (fixed seeds)."""
-    select_top: int = _bounded(0, 0, 1000)
+    select_top: int = _bounded(0, 0, 1000, extendable=True)
     """After the last generation, re-score the validated means with the best validation scores,
-    this many of them, on `select_episodes` more validation tracks and keep the best (0: off)."""
-    select_episodes: int = _bounded(0, 0, 100_000)
-    """Further validation tracks of that final selection (seeds after the periodic validation's)."""
+    this many of them, on `select_episodes` more validation tracks and keep the best (0: off);
+    a finished run selects again when this grows."""
+    select_episodes: int = _bounded(0, 0, 100_000, extendable=True)
+    """Further validation tracks of that final selection (seeds after the periodic validation's);
+    a finished run selects again when this grows."""
     max_steps: int = _bounded(1000, 1, CARRACING_MAX_STEPS)
     """Steps per training episode."""
     early_stop_steps: int = _bounded(0, 0, CARRACING_MAX_STEPS)
