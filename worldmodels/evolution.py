@@ -66,6 +66,9 @@ HISTORY_FIELDS = (
     "population",
     "episodes_per_candidate",
 )
+"""The columns of history.csv, one row per generation: the fitness, CMA-ES's step size, the
+validation of the mean (where validated), the generation's wall seconds and their running total,
+and the population and episodes per candidate it had."""
 CHECKPOINT_VERSION = 1
 
 
@@ -150,6 +153,7 @@ def resized_es(es, population: int):
 
 
 ZEROS_START = {"x0": "zeros"}
+"""The start of a run whose mean began at zeros (what ``done.json`` records as ``start``)."""
 
 
 @dataclass
