@@ -196,3 +196,149 @@ def test_train_controller_in_dream_tiny(tmp_path, monkeypatch, fake_run):
     again = train_controller_in_dream(cfg, run, quiet=True, real_max_steps=10)
     np.testing.assert_array_equal(again.params, res.params)
     assert again.dream_return == res.dream_return and again.real == res.real
+
+
+# --------------------------------------------------------------------------------------
+# The fused step, the loop's device discipline, the paper's population
+# --------------------------------------------------------------------------------------
+def _reference_step(m: MDRNN, z, actions, state, tau, gen):
+    """One dream step written with MDRNN.step and webmodels.sample_from_noise, drawing u, eps
+    and the end's coin from `gen` in DreamEnv's order."""
+    from worldmodels.webmodels import sample_from_noise
+
+    out, state = m.step(z, actions, state)
+    u = torch.rand(z.shape, generator=gen)
+    eps = torch.randn(z.shape, generator=gen)
+    coin = torch.rand(len(z), generator=gen)
+    z_next = sample_from_noise(out.logpi, out.mu, out.logsigma, torch.tensor(tau), u, eps)
+    return z_next, out.reward, coin < torch.sigmoid(out.done_logit), state
+
+
+def test_a_dream_step_is_m_step_and_the_inverse_cdf_draw():
+    m = _mdrnn(seed=3)
+    with torch.no_grad():
+        m.done_head.bias.fill_(-2.0)  # some dreams end within the steps below
+    env = DreamEnv(m, temperature=1.3, max_steps=100)
+    z0 = torch.randn(6, Z, generator=torch.Generator().manual_seed(1))
+    z, h = env.reset(z0, torch.Generator().manual_seed(5))
+    gen, state, alive = torch.Generator().manual_seed(5), None, torch.ones(6, dtype=torch.bool)
+    z_ref, ended = z0, 0
+    for t in range(12):
+        actions = torch.tanh(torch.randn(6, 3, generator=torch.Generator().manual_seed(t)))
+        z, reward, done, h = env.step(actions)
+        with torch.no_grad():
+            z_ref, reward_ref, ends, state = _reference_step(m, z_ref, actions, state, 1.3, gen)
+        torch.testing.assert_close(z, z_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(h, state[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(reward, torch.where(alive, reward_ref, 0.0), rtol=1e-5, atol=1e-5)
+        alive &= ~ends
+        assert torch.equal(done, ~alive)
+        ended = int(done.sum())
+    assert 0 < ended < 6  # the comparison covered dreams that ended and dreams that went on
+
+
+def test_how_often_the_loop_checks_for_the_end_does_not_change_the_returns():
+    m = _mdrnn(seed=1)
+    with torch.no_grad():
+        m.done_head.bias.fill_(-3.0)
+    ctrl = Controller("zh", Z, H).set_flat(np.random.default_rng(0).normal(0, 0.3, (16, ControllerShape("zh", Z, H).n_params)))
+    z0 = torch.randn(16, Z, generator=torch.Generator().manual_seed(0))
+    runs = [dream_rollout(DreamEnv(m, 1.15, 200), ctrl, z0, torch.Generator().manual_seed(9), check_every=n)
+            for n in (1, 7, 50, 1000)]
+    for returns, steps in runs[1:]:
+        np.testing.assert_array_equal(returns, runs[0][0])
+        np.testing.assert_array_equal(steps, runs[0][1])
+    assert runs[0][1].min() < 200 and runs[0][1].max() > 7  # dreams ended at various steps
+    assert runs[0][0].dtype == np.float64 and runs[0][1].dtype == np.int64
+
+
+def test_the_step_loop_never_waits_for_the_device():
+    """On the meta device a tensor has no values: reading one on the host (.item(), bool(),
+    .cpu()) raises, and mixing in a CPU tensor raises. The loop runs there untouched as long as
+    it never checks for the end, and every tensor it makes is on M's device."""
+    from worldmodels.dream import dream_steps
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    m = _mdrnn().to("meta")
+    ctrl = Controller("zh", Z, H, params=np.zeros((4, ControllerShape("zh", Z, H).n_params)), device="meta")
+
+    class Devices(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    self.seen.add((t.device.type, t.dtype))
+            return out
+
+    z0 = torch.zeros(4, Z)  # on the CPU, as the start latents come: reset moves them once
+    with Devices() as mode:
+        returns, steps = dream_steps(DreamEnv(m, 1.15, 20), ctrl, z0, check_every=21)
+    assert returns.device.type == steps.device.type == "meta"
+    assert {d for d, _ in mode.seen} == {"meta"}
+    assert {dt for _, dt in mode.seen} <= {torch.float32, torch.float64, torch.int64, torch.bool}
+    with pytest.raises((RuntimeError, NotImplementedError)):  # checking for the end reads the device
+        dream_steps(DreamEnv(m, 1.15, 20), ctrl, torch.zeros(4, Z), check_every=10)
+
+
+def test_the_loop_reads_the_device_once_per_check():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Reads(TorchDispatchMode):
+        reads = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                Reads.reads += 1
+            return func(*args, **(kwargs or {}))
+
+    m = _mdrnn(done_head=False)
+    ctrl = Controller("zh", Z, H, params=np.zeros((4, ControllerShape("zh", Z, H).n_params)))
+    with Reads():
+        dream_rollout(DreamEnv(m, 1.15, 45), ctrl, torch.zeros(4, Z), check_every=10)
+    assert Reads.reads == 4  # at steps 10, 20, 30, 40; the returns are copied once, after the loop
+
+
+def test_the_dream_runs_on_the_configured_device(tmp_path, fake_run):
+    cfg = preset("tiny", device="cuda")
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is here: the error below is for machines without it")
+    run = fake_run(preset("tiny"))
+    with pytest.raises(ConfigError, match=r"^device: 'cuda' was asked for but CUDA is not available"):
+        train_controller_in_dream(cfg, run, quiet=True)
+    with pytest.raises(ValueError, match="generator is on cpu, M on meta"):
+        DreamEnv(_mdrnn().to("meta")).reset(torch.zeros(2, Z), torch.Generator())
+
+
+def test_the_dream_uses_its_own_population_and_the_real_evolution_keeps_cmas():
+    from worldmodels.dream import dream_cma
+
+    book = preset("book")
+    assert (book.dream.population, book.dream.episodes_per_candidate) == (64, 16)
+    assert (book.cma.population, book.cma.episodes_per_candidate) == (16, 4)
+    cma = dream_cma(book)
+    assert (cma.population, cma.episodes_per_candidate, cma.generations, cma.early_stop_steps) == (64, 16, 120, 0)
+    assert (cma.sigma0, cma.eval_every, cma.select_top) == (book.cma.sigma0, book.cma.eval_every, book.cma.select_top)
+    with pytest.raises(ConfigError, match=r"dream.population = 1 is out of range: allowed \[2, 100000\]"):
+        preset("book", **{"dream.population": 1})
+
+
+def test_the_shipped_dream_run_still_loads_unchanged(tmp_path, monkeypatch):
+    """The shipped book config has no dream.population (it was trained at cma's 16 x 4): it loads,
+    and its finished dream controller is loaded, never trained again."""
+    import worldmodels.dream as dream_module
+    from worldmodels import pretrained
+    from worldmodels.config import Config
+    from worldmodels.controller import load_controller
+
+    recorded = Config.load(pretrained.ROOT / "book" / "config.json")
+    assert recorded.dream.population == 64 and not recorded.differences(preset("book"))
+    run = pretrained.install("book", tmp_path / "run")
+    monkeypatch.setattr(dream_module, "evolve", lambda *a, **k: pytest.fail("trained again"))
+    res = train_controller_in_dream(preset("book"), run, quiet=True)
+    saved = load_controller(run.controller / "dream_tau1.15_best.safetensors")
+    np.testing.assert_array_equal(res.params, saved.params)
+    assert res.dream_return == pytest.approx(52.82838936866028) and res.real["real_mean"] == pytest.approx(-42.55844973579693)

@@ -27,18 +27,18 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from worldmodels.config import CARRACING_MAX_STEPS, CMAConfig, Config
+from worldmodels.config import CARRACING_MAX_STEPS, CMAConfig, Config, resolve_device
 from worldmodels.controller import Controller, ControllerShape, load_controller, save_controller
 from worldmodels.data import EpisodeError, dataset_episodes
 from worldmodels.evolution import EvolutionResult, evolve, is_finished
-from worldmodels.mdrnn import MDRNN, sample_next_z
-from worldmodels.parallel import InlineExecutor, one_torch_thread
+from worldmodels.mdrnn import MDRNN
+from worldmodels.parallel import InlineExecutor, torch_threads
 from worldmodels.runs import (
     BEST_WEIGHTS, DONE_FILE, DREAM_STARTS, DREAM_SUMMARY, RunDir, as_run_dir, load_mdrnn, load_vae, open_npz, read_json,
     save_npz, write_json,
@@ -58,6 +58,47 @@ def check_temperature(tau: float) -> float:
     return tau
 
 
+DONE_CHECK_EVERY = 50
+""":func:`dream_rollout` asks whether every dream has ended once every this many steps: each
+ask waits for the device, so that a batch on a GPU runs ahead of the Python loop in between."""
+
+THREADED_BATCH = 256
+"""With ``dream.threads = 0``, a batch of at least this many dreams runs on all of torch's
+threads (one big matrix product a step), a smaller one on one thread (synchronisation costs
+more than it saves)."""
+
+
+class _FusedM(NamedTuple):
+    """M's step as two matrix products, its weights laid out once for the dream's loop."""
+
+    gates_weight: Tensor
+    """(Z + A + H, 4H): the LSTM's input and recurrent weights over ``[z, a, h]``, gates in
+    the order i, f, o, g (the three sigmoid gates side by side)."""
+    gates_bias: Tensor
+    """(4H,): the LSTM's one bias vector (the last input column of ``weight_ih``), same order."""
+    heads_weight: Tensor
+    """(H, 3 Z K + 2): mixture logits, means and log-sigmas, each (Z, K) row-major, then reward and done."""
+    heads_bias: Tensor
+    """(3 Z K + 2,)."""
+
+
+def _fuse(mdrnn: MDRNN) -> _FusedM:
+    """:class:`_FusedM` of `mdrnn` (a missing done head reads as logit 0; the dream ignores it)."""
+    z, k, h = mdrnn.z_size, mdrnn.n_gaussians, mdrnn.hidden_size
+    w_ih, w_hh = mdrnn.lstm.weight_ih_l0.detach(), mdrnn.lstm.weight_hh_l0.detach()
+    order = torch.arange(4 * h, device=w_ih.device).view(4, h)[[0, 1, 3, 2]].reshape(-1)  # i, f, g, o -> i, f, o, g
+    gates_weight = torch.cat([w_ih[:, :-1], w_hh], dim=1)[order].T.contiguous()
+    gates_bias = w_ih[order, -1].contiguous()
+    # M's output layer is, per latent dimension, [K logits, K means, K log-sigmas]: regroup by kind.
+    mdn_weight = mdrnn.mdn.weight.detach().view(z, 3, k, h).transpose(0, 1).reshape(3 * z * k, h)
+    mdn_bias = mdrnn.mdn.bias.detach().view(z, 3, k).transpose(0, 1).reshape(3 * z * k)
+    heads_w, heads_b = [mdn_weight], [mdn_bias]
+    for head in (mdrnn.reward_head, mdrnn.done_head):
+        heads_w.append(head.weight.detach() if head is not None else mdn_weight.new_zeros(1, h))
+        heads_b.append(head.bias.detach() if head is not None else mdn_bias.new_zeros(1))
+    return _FusedM(gates_weight, gates_bias, torch.cat(heads_w).T.contiguous(), torch.cat(heads_b).contiguous())
+
+
 class DreamEnv:
     """M as a batched environment of K dreams.
 
@@ -69,6 +110,14 @@ class DreamEnv:
     0 (the batch keeps its shape, finished dreams are simply ignored). Everything random
     (next latents, ends) is drawn from the `generator` given to :meth:`reset`, so a seeded
     generator replays the same dream.
+
+    Everything lives on M's device, in M's dtype. A step is M's LSTM cell and heads as two
+    matrix products (:class:`_FusedM`) and the draw of :func:`worldmodels.mdrnn.sample_next_z`
+    by inverse CDF: per latent dimension one uniform ``u`` picks the first component whose
+    cumulative weight of ``softmax(logits / tau)`` exceeds it (as
+    :func:`worldmodels.webmodels.sample_from_noise` does), then ``z = mu + sigma sqrt(tau) eps``.
+    Each step draws, in this order, ``u`` (K, Z), ``eps`` (K, Z) and the end's coin (K,),
+    into buffers made once by :meth:`reset`.
     """
 
     def __init__(self, mdrnn: MDRNN, temperature: float = 1.15, max_steps: int = CARRACING_MAX_STEPS):
@@ -83,15 +132,33 @@ class DreamEnv:
         self.alive: Tensor | None = None
         self.t = 0
 
+    @property
+    def device(self) -> torch.device:
+        return self.mdrnn.mdn.weight.device
+
     @torch.no_grad()
     def reset(self, initial_z: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """Start K dreams at `initial_z` (K, Z); returns ``(z, h)`` with h = 0."""
-        if initial_z.ndim != 2 or initial_z.shape[1] != self.mdrnn.z_size:
-            raise ValueError(f"initial_z must be (K, {self.mdrnn.z_size}), got {tuple(initial_z.shape)}")
+        """Start K dreams at `initial_z` (K, Z); returns ``(z, h)`` with h = 0, on M's device."""
+        m = self.mdrnn
+        if initial_z.ndim != 2 or initial_z.shape[1] != m.z_size:
+            raise ValueError(f"initial_z must be (K, {m.z_size}), got {tuple(initial_z.shape)}")
+        device, dtype = self.device, m.mdn.weight.dtype
+        if generator is not None and generator.device.type != device.type:
+            raise ValueError(
+                f"the dream's generator is on {generator.device}, M on {device}: "
+                f"make it with torch.Generator(device={str(device)!r})"
+            )
+        n = len(initial_z)
         self.generator = generator
-        self.z = initial_z.to(self.mdrnn.mdn.weight.dtype)
-        self.state = self.mdrnn.initial_state(len(initial_z))
-        self.alive = torch.ones(len(initial_z), dtype=torch.bool)
+        self._fused = _fuse(m)
+        self.z = initial_z.to(device, dtype)
+        self.state = m.initial_state(n)
+        self.alive = torch.ones(n, dtype=torch.bool, device=device)
+        self._inputs = torch.zeros(n, m.z_size + m.action_size + m.hidden_size, device=device, dtype=dtype)
+        self._inputs[:, : m.z_size] = self.z
+        self._u = torch.empty(n, m.z_size, device=device, dtype=dtype)
+        self._eps = torch.empty_like(self._u)
+        self._coin = torch.empty(n, device=device, dtype=dtype)
         self.t = 0
         return self.z, self.state[0]
 
@@ -100,19 +167,76 @@ class DreamEnv:
         """Advance every dream by one step; returns ``(z_next, reward, done, h)``."""
         if self.state is None:
             raise RuntimeError("DreamEnv: call reset first")
-        out, self.state = self.mdrnn.step(self.z, actions, self.state)
-        self.z = sample_next_z(out, self.temperature, self.generator)
-        reward = torch.where(self.alive, out.reward, torch.zeros_like(out.reward))
+        m, fused = self.mdrnn, self._fused
+        n, zs, hs, k = len(self.z), m.z_size, m.hidden_size, m.n_gaussians
+        x = self._inputs
+        x[:, zs : zs + m.action_size] = actions
+        gates = torch.addmm(fused.gates_bias, x, fused.gates_weight)
+        sigmoids = gates[:, : 3 * hs].sigmoid_()
+        c = torch.addcmul(sigmoids[:, hs : 2 * hs] * self.state[1], sigmoids[:, :hs], gates[:, 3 * hs :].tanh_())
+        h = sigmoids[:, 2 * hs :] * torch.tanh(c)
+        heads = torch.addmm(fused.heads_bias, h, fused.heads_weight)
+        zk = zs * k
+        logits, mu, logsigma = (heads[:, i * zk : (i + 1) * zk].view(n, zs, k) for i in range(3))
+        self.z = self._sample(logits, mu, logsigma)
+        self.state = (h, c)
+        x[:, :zs] = self.z
+        x[:, zs + m.action_size :] = h
+
+        reward = torch.where(self.alive, heads[:, 3 * zk], 0.0)
         self.t += 1
-        if out.done_logit is not None:
-            coin = torch.rand(out.done_logit.shape, generator=self.generator, dtype=out.done_logit.dtype)
-            ends = coin < torch.sigmoid(out.done_logit)
-        else:
-            ends = torch.zeros_like(self.alive)
+        coin = self._coin.uniform_(generator=self.generator)
+        if m.done_head is not None:
+            self.alive &= coin >= torch.sigmoid(heads[:, 3 * zk + 1])
         if self.t >= self.max_steps:
-            ends = torch.ones_like(self.alive)
-        self.alive = self.alive & ~ends
-        return self.z, reward, ~self.alive, self.state[0]
+            self.alive.zero_()
+        return self.z, reward, ~self.alive, h
+
+    def _sample(self, logits: Tensor, mu: Tensor, logsigma: Tensor) -> Tensor:
+        """The next latents (K, Z) from the mixtures (K, Z, components), by inverse CDF."""
+        tau = self.temperature
+        weights = logits * (1.0 / tau)
+        weights = (weights - weights.amax(-1, keepdim=True)).exp_()
+        cumulative = (weights / weights.sum(-1, keepdim=True)).cumsum_(-1)
+        u = self._u.uniform_(generator=self.generator)
+        eps = self._eps.normal_(generator=self.generator)
+        index = (cumulative <= u.unsqueeze(-1)).sum(-1, keepdim=True).clamp_(max=logits.shape[-1] - 1)
+        sigma = logsigma.gather(-1, index).squeeze(-1).exp_()
+        return torch.addcmul(mu.gather(-1, index).squeeze(-1), sigma, eps, value=math.sqrt(tau))
+
+
+def dream_threads(threads: int, batch: int) -> int:
+    """Torch threads for a batch of `batch` dreams: `threads`, or with 0 see :data:`THREADED_BATCH`."""
+    if threads:
+        return threads
+    return torch.get_num_threads() if batch >= THREADED_BATCH else 1
+
+
+@torch.no_grad()
+def dream_steps(
+    env: DreamEnv,
+    controller: Controller,
+    initial_z: Tensor,
+    generator: torch.Generator | None = None,
+    check_every: int = DONE_CHECK_EVERY,
+) -> tuple[Tensor, Tensor]:
+    """The loop of :func:`dream_rollout`, on M's device: returns (B,) and steps (B,) as tensors there.
+
+    Nothing in it waits for the device but the check, every `check_every` steps, whether
+    every dream has ended (the returns do not depend on `check_every`).
+    """
+    z, h = env.reset(initial_z, generator)
+    acc = torch.float32 if z.device.type == "mps" else torch.float64  # MPS has no float64
+    returns = torch.zeros(len(z), dtype=acc, device=z.device)
+    steps = torch.zeros(len(z), dtype=torch.int64, device=z.device)
+    uses_h = controller.shape.uses_h
+    for t in range(1, env.max_steps + 1):
+        steps += env.alive
+        z, reward, _, h = env.step(controller(z, h if uses_h else None))
+        returns += reward
+        if t % check_every == 0 and not bool(env.alive.any()):
+            break
+    return returns, steps
 
 
 @torch.no_grad()
@@ -121,25 +245,18 @@ def dream_rollout(
     controller: Controller,
     initial_z: Tensor,
     generator: torch.Generator | None = None,
+    *,
+    threads: int = 0,
+    check_every: int = DONE_CHECK_EVERY,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Run B dreams to their end, dream b with controller b: returns (returns (B,), steps (B,)).
 
-    Torch runs on one thread meanwhile (:func:`~worldmodels.parallel.one_torch_thread`).
+    The controller must be on M's device. Torch runs on :func:`dream_threads` threads
+    meanwhile; the returns come back from the device once, at the end.
     """
-    with one_torch_thread():
-        z, h = env.reset(initial_z, generator)
-        returns = torch.zeros(len(z), dtype=torch.float64)
-        steps = torch.zeros(len(z), dtype=torch.int64)
-        uses_h = controller.shape.uses_h
-        for _ in range(env.max_steps):
-            alive = env.alive.clone()
-            actions = controller(z, h if uses_h else None)
-            z, reward, done, h = env.step(actions)
-            returns += reward.double()
-            steps += alive.long()
-            if bool(done.all()):
-                break
-    return returns.numpy(), steps.numpy()
+    with torch_threads(dream_threads(threads, len(initial_z))):
+        returns, steps = dream_steps(env, controller, initial_z, generator, check_every)
+        return returns.double().cpu().numpy(), steps.cpu().numpy()
 
 
 # --------------------------------------------------------------------------------------
@@ -223,26 +340,28 @@ def initial_z_for_seeds(mu: np.ndarray, logvar: np.ndarray, seeds: np.ndarray) -
 # --------------------------------------------------------------------------------------
 @dataclass
 class DreamWorker:
-    """What a dream task needs (built once): M, the start latents, the controller's shape."""
+    """What a dream task needs (built once): M (on the dreams' device), the start latents, the controller's shape."""
 
     mdrnn: MDRNN
     mu: np.ndarray
     logvar: np.ndarray
     shape: ControllerShape
     temperature: float
+    threads: int = 0
+    """Torch threads (0: see :func:`dream_threads`)."""
 
 
 def dream_task(worker: DreamWorker, task: Task) -> np.ndarray:
     """The task function of the dream: all the task's episodes as one batch of dreams; their returns (n,)."""
     env = DreamEnv(worker.mdrnn, worker.temperature, task.max_steps)
-    controller = Controller.from_shape(worker.shape, task.params)
+    controller = Controller.from_shape(worker.shape, task.params, device=env.device)
     z0 = initial_z_for_seeds(worker.mu, worker.logvar, task.seeds)
     # Validation dreams are the same every time (the generation is left out of their seed),
     # so that the best mean is chosen on one fixed set of dreams, not on lucky noise.
     generation = 0 if task.kind == "validate" else task.generation
     key = np.random.SeedSequence([generation, *map(int, np.unique(task.seeds))]).generate_state(1)[0]
-    generator = torch.Generator().manual_seed(int(key))
-    returns, _ = dream_rollout(env, controller, z0, generator)
+    generator = torch.Generator(env.device).manual_seed(int(key))
+    returns, _ = dream_rollout(env, controller, z0, generator, threads=worker.threads)
     return returns
 
 
@@ -263,10 +382,15 @@ class DreamResult:
 
 
 def dream_cma(cfg: Config) -> CMAConfig:
-    """``cfg.cma`` as the dream uses it: ``cfg.dream``'s generations (when set) and episode
-    length, and no early termination (a dream has no tiles)."""
-    generations = cfg.dream.generations or cfg.cma.generations
-    return dataclasses.replace(cfg.cma, generations=generations, max_steps=cfg.dream.max_steps, early_stop_steps=0)
+    """``cfg.cma`` as the dream uses it: ``cfg.dream``'s population, episodes per candidate,
+    generations (when set) and episode length, and no early termination (a dream has no tiles).
+    The real evolution keeps ``cfg.cma``'s population (the ``book`` scale: 16 x 4), the dream
+    affords the paper's 64 x 16."""
+    d = cfg.dream
+    return dataclasses.replace(
+        cfg.cma, population=d.population, episodes_per_candidate=d.episodes_per_candidate,
+        generations=d.generations or cfg.cma.generations, max_steps=d.max_steps, early_stop_steps=0,
+    )
 
 
 def train_controller_in_dream(
@@ -289,9 +413,10 @@ def train_controller_in_dream(
             F_k = mean_e R_ke - weight_decay * mean(theta_k^2)
         best mean (on fixed dream validation seeds) -> real CarRacing on cfg.eval's tracks
 
-    Uses cfg.cma for the search (population, episodes_per_candidate, sigma0,
-    eval_every, eval_episodes, seed), and cfg.dream for the generations (see
-    :func:`dream_cma`) and the length of a dream. Files in ``run/controller/``: ``dream_tau{tau}_es.pkl``,
+    Uses cfg.dream for the population, the episodes per candidate, the generations and the
+    length of a dream, and cfg.cma for the rest of the search (sigma0, eval_every,
+    eval_episodes, selection, seed): see :func:`dream_cma`. The dreams run on
+    ``resolve_device(cfg.device)``. Files in ``run/controller/``: ``dream_tau{tau}_es.pkl``,
     ``_history.csv``, ``_best.safetensors``, ``_last.safetensors``, ``_done.json`` and
     ``dream.json`` (per tau: dream return, real mean and std). Runs at several
     temperatures may share a run directory (the temperature is not checked against the
@@ -336,7 +461,8 @@ def _evolve_in_dream(cfg: Config, run: RunDir, cma_cfg: CMAConfig, tau: float, *
     """CMA-ES in M's dream at temperature `tau`, one batch of dreams per generation, checkpointed in run/controller."""
     shape = ControllerShape.from_config(cfg)
     mu, logvar = initial_latents(run)
-    worker = DreamWorker(load_mdrnn(run).cpu().eval(), mu, logvar, shape, tau)
+    device = resolve_device(cfg.device)
+    worker = DreamWorker(load_mdrnn(run, device).eval(), mu, logvar, shape, tau, cfg.dream.threads)
     population = cma_cfg.population * cma_cfg.episodes_per_candidate
     key = f"{tau:g}"
 

@@ -76,15 +76,25 @@ def one_torch_thread() -> Iterator[None]:
     on one thread, over 100 ms on two threads of a two-core machine kept busy by another
     job); parallelism comes from processes.
     """
+    with torch_threads(1):
+        yield
+
+
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Run torch on `threads` intra-op threads inside the block (the previous count restored after)."""
     import torch
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    previous = torch.get_num_threads()
+    if threads != previous:
+        torch.set_num_threads(threads)
     try:
         yield
     finally:
-        if threads != 1:
-            torch.set_num_threads(threads)
+        if torch.get_num_threads() != previous:
+            torch.set_num_threads(previous)
 
 
 def _init_worker() -> None:

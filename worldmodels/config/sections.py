@@ -269,6 +269,12 @@ class DreamConfig(_Section):
     """Steps per dreamed episode."""
     generations: int = _bounded(0, 0, extendable=True)
     """CMA-ES generations in the dream (0: as many as ``cma.generations``)."""
+    population: int = _bounded(64, 2, 100_000)
+    """Candidates per generation in the dream (the paper's 64: a whole generation is one batch of dreams)."""
+    episodes_per_candidate: int = _bounded(16, 1, 10_000)
+    """Dreams averaged into each candidate's fitness (the paper's 16)."""
+    threads: int = _bounded(0, 0, 1024, runtime=True)
+    """Torch threads of a batch of dreams (0: all of torch's for a batch of at least 256 dreams, else 1)."""
 
     _section = "dream"
 
