@@ -81,3 +81,52 @@ def test_pipeline_on_finished_v_and_m_collects_nothing(fake_run):
     assert not any((run.path / "data").glob("*")) and not any((run.path / "latents").glob("*"))
     results = json.loads((run.path / "eval" / "results.json").read_text())
     assert results["episodes"] == cfg.eval.episodes and results["max_steps"] == cfg.eval.max_steps
+
+
+def test_evaluate_the_dream_controller(fake_run, capsys):
+    """--controller dream evaluates controller/dream_tau{tau}_best.safetensors exactly as --controller FILE
+    does, prints the same JSON, and keeps the main agent's results.json; without one it names the file."""
+    import numpy as np
+
+    from worldmodels.config import preset
+    from worldmodels.controller import ControllerShape, save_controller
+
+    cfg = preset("tiny")
+    run = fake_run(cfg, controller=True)
+    flags = ["--run-dir", str(run.path), "--episodes", "2", "--seed", "7", "--max-steps", "80", "--workers", "1", "--json"]
+    with pytest.raises(SystemExit) as exit_:
+        main(["evaluate", "--scale", "tiny", "--controller", "dream", *flags])
+    dream_file = run.path / "controller" / "dream_tau1.15_best.safetensors"
+    assert exit_.value.code == (
+        f"error: {dream_file}: no dream-trained controller at tau 1.15; make it with "
+        f"`python -m worldmodels dream --run-dir {run.path} --dream.temperature 1.15`"
+    )
+
+    shape = ControllerShape.from_config(cfg)
+    save_controller(dream_file, np.random.default_rng(3).normal(0, 3.0, shape.n_params), shape)
+    main(["evaluate", "--scale", "tiny", *flags])
+    main_agent = json.loads(capsys.readouterr().out)
+    main(["evaluate", "--scale", "tiny", "--controller", "dream", *flags])
+    dream = json.loads(capsys.readouterr().out)
+    main(["evaluate", "--scale", "tiny", "--controller", str(dream_file), *flags])
+    by_file = json.loads(capsys.readouterr().out)
+    assert set(dream) == set(main_agent) == {"returns", "seeds", "episodes", "mean", "std", "min", "max"}
+    assert dream == by_file and dream["seeds"] == [7, 8] and dream["returns"] != main_agent["returns"]
+    assert json.loads((run.eval / "dream_results.json").read_text())["controller"] == str(dream_file)
+    with pytest.raises(SystemExit, match="dream_tau0.5_best.safetensors: no dream-trained controller at tau 0.5"):
+        main(["evaluate", "--scale", "tiny", "--controller", "dream", "--tau", "0.5", *flags])
+
+
+def test_evaluate_the_shipped_dream_controller(tmp_path, capsys):
+    from worldmodels import pretrained
+
+    run = tmp_path / "book"
+    main(["evaluate", "--pretrained", "book", "--run-dir", str(run), "--controller", "dream", "--episodes", "1",
+          "--seed", "2000000000", "--max-steps", "30", "--workers", "1", "--json"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["episodes"] == 1 and printed["seeds"] == [2000000000]
+    written = json.loads((run / "eval" / "dream_results.json").read_text())
+    assert written["controller"] == str(run / "controller" / "dream_tau1.15_best.safetensors")
+    assert written["returns"] == printed["returns"]
+    shipped = pretrained.ROOT / "book" / "eval" / "results.json"
+    assert (run / "eval" / "results.json").read_bytes() == shipped.read_bytes()  # the main agent's, untouched

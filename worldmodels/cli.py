@@ -17,7 +17,9 @@ from typing import Annotated, Callable
 import tyro
 
 from worldmodels.config import SCALES, Config, ConfigError, preset, unchecked
-from worldmodels.runs import HISTORY_FILE, SELECTION_FILE, RunDir, RunDirError, read_json
+from worldmodels.runs import (
+    DREAM_RESULTS_FILE, HISTORY_FILE, RESULTS_FILE, SELECTION_FILE, RunDir, RunDirError, read_json,
+)
 
 
 @dataclasses.dataclass
@@ -62,8 +64,12 @@ class Evaluate(Common):
     """First track's seed; episode i uses seed + i (default: eval.seed)."""
     json: bool = False
     """Print one JSON object (returns, mean, std, min, max) instead of a readable line."""
-    controller: Path | None = None
-    """Controller file (default: RUN_DIR/controller/best.safetensors)."""
+    controller: str = "main"
+    """'main' (the run's agent, RUN_DIR/controller/best.safetensors), 'dream' (the controller trained in
+    M's dream, RUN_DIR/controller/dream_tau{TAU}_best.safetensors; results in eval/dream_results.json),
+    or a controller file."""
+    tau: float | None = None
+    """With --controller dream: the dream's temperature (default: dream.temperature of the run's config)."""
     workers: int | None = None
     """Worker processes (default: cma.workers; 0: one per core)."""
     max_steps: int | None = None
@@ -83,9 +89,14 @@ def run_evaluate(args: Evaluate) -> None:
 
         pretrained.install(args.pretrained, args.run_dir)
     cfg = _run_config(args)
+    controller, results_file = (None if args.controller == "main" else Path(args.controller)), RESULTS_FILE
+    if args.controller == "dream":
+        from worldmodels.dream import dream_controller_path
+
+        controller, results_file = dream_controller_path(args.run_dir, args.tau), DREAM_RESULTS_FILE
     results = evaluate_run(
         args.run_dir, cfg, episodes=args.episodes, seed=args.seed, workers=args.workers,
-        controller=args.controller, max_steps=args.max_steps,
+        controller=controller, max_steps=args.max_steps, results_file=results_file,
     )
     if args.json:
         print(json.dumps({k: results[k] for k in ("returns", "seeds", "episodes", "mean", "std", "min", "max")}))

@@ -33,14 +33,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from worldmodels.config import CARRACING_MAX_STEPS, CMAConfig, Config, resolve_device
+from worldmodels.config import CARRACING_MAX_STEPS, CMAConfig, Config, DreamConfig, resolve_device
 from worldmodels.controller import Controller, ControllerShape, load_controller, save_controller
 from worldmodels.data import EpisodeError, dataset_episodes
 from worldmodels.evolution import EvolutionResult, evolve, is_finished
 from worldmodels.mdrnn import MDRNN
 from worldmodels.parallel import InlineExecutor, torch_threads
 from worldmodels.runs import (
-    BEST_WEIGHTS, DONE_FILE, DREAM_STARTS, DREAM_SUMMARY, RunDir, as_run_dir, load_mdrnn, load_vae, open_npz, read_json,
+    BEST_WEIGHTS, DONE_FILE, DREAM_STARTS, DREAM_SUMMARY, RunDir, RunDirError, as_run_dir, load_mdrnn, load_vae, open_npz, read_json,
     save_npz, write_json,
 )
 from worldmodels.tasks import Task
@@ -368,6 +368,23 @@ def dream_task(worker: DreamWorker, task: Task) -> np.ndarray:
 def dream_prefix(tau: float) -> str:
     """File prefix of a dream run at temperature tau: ``dream_tau1.15_``."""
     return f"dream_tau{tau:g}_"
+
+
+def dream_controller_path(run: str | Path | RunDir, tau: float | None = None) -> Path:
+    """The file of `run`'s dream-trained controller at temperature `tau` (default: the run's
+    ``dream.temperature``); a missing one raises RunDirError naming it and the command that makes it."""
+    run = as_run_dir(run)
+    if tau is None:
+        cfg = run.load_config()
+        tau = cfg.dream.temperature if cfg is not None else DreamConfig().temperature
+    tau = check_temperature(tau)
+    path = run.controller / f"{dream_prefix(tau)}{BEST_WEIGHTS['controller']}"
+    if not path.exists():
+        raise RunDirError(
+            f"{path}: no dream-trained controller at tau {tau:g}; make it with "
+            f"`python -m worldmodels dream --run-dir {run.path} --dream.temperature {tau:g}`"
+        )
+    return path
 
 
 @dataclass

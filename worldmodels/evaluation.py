@@ -147,6 +147,7 @@ def evaluate_run(
     workers: int | None = None,
     controller: str | Path | None = None,
     max_steps: int | None = None,
+    results_file: str = RESULTS_FILE,
 ) -> dict[str, Any]:
     """The paper's protocol on a run: its best controller drives full episodes on unseen tracks.
 
@@ -154,7 +155,7 @@ def evaluate_run(
     episodes of at most `max_steps` steps (default ``cfg.eval.max_steps``), in ``workers``
     processes (default ``cfg.cma.workers``; 0: one per core), each task of
     ``cfg.cma.envs_per_worker`` episodes within ``cfg.cma.task_timeout`` seconds. Writes and
-    returns ``run/eval/results.json``: returns, seeds, episodes, mean, std, min, max,
+    returns ``run/eval/{results_file}`` (default ``results.json``): returns, seeds, episodes, mean, std, min, max,
     the controller's path, max_steps, the seconds it took and, for the run's own best
     controller, ``controller_generations`` (the generations it was chosen from, so that
     results of a controller since evolved for longer are known to be stale).
@@ -175,7 +176,7 @@ def evaluate_run(
     done = run.controller / DONE_FILE
     if controller is None and done.exists():
         out["controller_generations"] = read_json(done)["generations"]
-    write_json(run.eval / RESULTS_FILE, out)
+    write_json(run.eval / results_file, out)
     return out
 
 
