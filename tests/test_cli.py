@@ -130,3 +130,21 @@ def test_evaluate_the_shipped_dream_controller(tmp_path, capsys):
     assert written["returns"] == printed["returns"]
     shipped = pretrained.ROOT / "book" / "eval" / "results.json"
     assert (run / "eval" / "results.json").read_bytes() == shipped.read_bytes()  # the main agent's, untouched
+
+
+def test_dream_with_taus_prints_the_temperature_table(fake_run, capsys):
+    import numpy as np
+
+    from worldmodels.config import preset
+    from worldmodels.runs import save_npz
+
+    cfg = preset("tiny")
+    run = fake_run(cfg)
+    for i in range(2):
+        mu = np.random.default_rng(i).normal(size=(61, cfg.vae.z_size)).astype(np.float16)
+        save_npz(run.latents / f"ep{i:05d}.npz", mu=mu, logvar=np.full_like(mu, -2))
+    main(["dream", "--scale", "tiny", "--run-dir", str(run.path), "--taus", "0.5", "1.3", "--real-episodes", "1",
+          "--dream.generations", "1", "--cma.workers", "1", "--quiet"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "| tau | generations | dream return | real return (1 validation tracks) |"
+    assert [line.split(" | ")[0] for line in lines[2:]] == ["| 0.5", "| 1.3"] and len(lines) == 4

@@ -156,7 +156,7 @@ def test_train_controller_in_dream_tiny(tmp_path, monkeypatch, fake_run):
     cfg = preset(
         "tiny",
         **{
-            "cma.population": 4, "cma.generations": 3, "cma.eval_episodes": 2, "cma.episodes_per_candidate": 2,
+            "dream.population": 4, "cma.generations": 3, "cma.eval_episodes": 2, "dream.episodes_per_candidate": 2,
             "cma.workers": 1, "dream.max_steps": 15, "dream.temperature": 1.15, "dream.generations": 2,
             "eval.episodes": 1,
         },
@@ -342,3 +342,107 @@ def test_the_shipped_dream_run_still_loads_unchanged(tmp_path, monkeypatch):
     saved = load_controller(run.controller / "dream_tau1.15_best.safetensors")
     np.testing.assert_array_equal(res.params, saved.params)
     assert res.dream_return == pytest.approx(52.82838936866028) and res.real["real_mean"] == pytest.approx(-42.55844973579693)
+
+
+# --------------------------------------------------------------------------------------
+# The temperature table; dream return against real return
+# --------------------------------------------------------------------------------------
+def _tiny_dream_run(fake_run, **overrides):
+    cfg = preset(
+        "tiny",
+        **{"cma.generations": 3, "cma.eval_episodes": 2, "cma.workers": 1, "dream.max_steps": 15,
+           "dream.generations": 2, "dream.population": 4, "dream.episodes_per_candidate": 2, "eval.episodes": 1,
+           **overrides},
+    )
+    run = fake_run(cfg)
+    for i in range(3):
+        save_npz(
+            run.latents / f"ep{i:05d}.npz",
+            mu=np.random.default_rng(i).normal(size=(61, cfg.vae.z_size)).astype(np.float16),
+            logvar=np.full((61, cfg.vae.z_size), -2, np.float16),
+        )
+    return cfg, run
+
+
+def test_correlations_exact_values():
+    from worldmodels.dream import correlations
+
+    assert correlations([1, 2, 3, 4], [2, 1, 4, 3]) == pytest.approx((0.6, 0.6), abs=1e-12)
+    pearson, spearman = correlations([1, 2, 3, 10], [1, 2, 3, 4])
+    assert pearson == pytest.approx(14 / np.sqrt(250), abs=1e-12) and spearman == pytest.approx(1.0, abs=1e-12)
+    assert correlations([1, 1, 2], [1, 2, 3])[1] == pytest.approx(1.5 / np.sqrt(3), abs=1e-12)  # ties: mean rank
+    assert np.isnan(correlations([1, 1, 1], [1, 2, 3])).all()
+    with pytest.raises(ValueError, match="same length"):
+        correlations([1, 2], [1, 2, 3])
+
+
+def test_dream_real_correlation_with_an_m_whose_reward_is_known(fake_run):
+    """M built by hand: every dream ends after one step whose reward is tanh(tanh(gas)), gas the
+    controller's (a bias-only controller: gas = (tanh(b) + 1) / 2)."""
+    from worldmodels.dream import correlations, dream_real_correlation, real_returns, real_validation_seeds
+    from worldmodels.runs import BEST_WEIGHTS
+
+    cfg, run = _tiny_dream_run(fake_run)
+    z, h = cfg.vae.z_size, cfg.mdrnn.hidden_size
+    m = MDRNN.from_config(cfg)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.zero_()
+        w = m.lstm.weight_ih_l0  # rows i, f, g, o; the last column is the bias
+        w[:h, -1], w[h : 2 * h, -1], w[3 * h :, -1] = 30.0, -30.0, 30.0  # i = 1, f = 0, o = 1
+        w[2 * h, z + 1] = 1.0  # g of unit 0 = tanh(gas): c = tanh(gas), h_0 = tanh(c)
+        m.reward_head.weight[0, 0] = 1.0
+        m.done_head.bias.fill_(50.0)
+    save_tensors(run.mdrnn / BEST_WEIGHTS["mdrnn"], m.state_dict())
+
+    n = ControllerShape.from_config(cfg).n_params
+    biases = np.array([-2.0, 0.0, 0.7, 2.0])
+    params = np.zeros((4, n))
+    params[:, n - 2] = biases  # gas's bias
+    params[:, n - 1] = -1.0  # no brake
+    seeds = real_validation_seeds(cfg, 2)
+    out = dream_real_correlation(cfg, run, params, seeds, real_max_steps=25, workers=1)
+    expected = np.tanh(np.tanh((np.tanh(biases) + 1) / 2))
+    np.testing.assert_allclose(out["dream_episodes"], np.repeat(expected[:, None], 2, 1), rtol=1e-6)
+    np.testing.assert_allclose(out["dream"], expected, rtol=1e-6)
+    np.testing.assert_array_equal(out["real_episodes"], real_returns(cfg, run, params, seeds, 25, workers=1))
+    assert (out["pearson"], out["spearman"]) == correlations(out["dream"], out["real"])
+    assert out["seeds"] == [cfg.cma.seed + 500_000, cfg.cma.seed + 500_001]
+    with pytest.raises(ValueError, match="would reach the evaluation tracks"):
+        real_validation_seeds(cfg.replace(**{"eval.seed": cfg.cma.seed + 500_003}), 10)
+
+
+def test_temperature_table_trains_each_tau_and_scores_it_on_validation_tracks(fake_run, monkeypatch):
+    import worldmodels.dream as dream_module
+    from worldmodels.dream import candidates_from_checkpoint, markdown_table, temperature_table
+    from worldmodels.runs import read_json
+
+    cfg, run = _tiny_dream_run(fake_run)
+    rows = temperature_table(cfg, run, (0.5, 1.15), real_episodes=2, real_max_steps=10, workers=1, quiet=True)
+    assert [r["temperature"] for r in rows] == [0.5, 1.15] and all(r["finished"] for r in rows)
+    summary = read_json(run.controller / "dream.json")
+    for r in rows:
+        entry = summary[f"{r['temperature']:g}"]
+        assert entry["validation"] == {"first_seed": cfg.cma.seed + 500_000, "episodes": 2, "max_steps": 10,
+                                       "mean": r["real_mean"], "std": r["real_std"]}
+        assert "real_mean" not in entry  # the evaluation tracks are not used to choose tau
+        assert r["generations"] == 2 and r["dream_return"] == entry["dream_return"]
+
+    monkeypatch.setattr(dream_module, "real_returns", lambda *a, **k: pytest.fail("evaluated again"))
+    assert temperature_table(cfg, run, (0.5, 1.15), real_episodes=2, real_max_steps=10, quiet=True) == rows
+    best = max(rows, key=lambda r: r["real_mean"])
+    table = markdown_table(rows).splitlines()
+    assert table[0] == "| tau | generations | dream return | real return (2 validation tracks) |"
+    assert table[2 + rows.index(best)].endswith(f"| **{best['real_mean']:.1f} ± {best['real_std']:.1f}** |")
+
+    k = candidates_from_checkpoint(run, 1.15, 5, seed=1)
+    assert k.shape == (5, ControllerShape.from_config(cfg).n_params) and len(np.unique(k[:, 0])) == 5
+    np.testing.assert_array_equal(k, candidates_from_checkpoint(run, 1.15, 5, seed=1))  # the checkpoint is untouched
+    (run.controller / "dream_tau1.15_es.pkl").unlink()  # a shipped run: around the best, at the last sigma
+    from worldmodels.controller import load_controller
+    from worldmodels.evolution import read_history
+
+    best_params = load_controller(run.controller / "dream_tau1.15_best.safetensors").params
+    sigma = read_history(run.controller / "dream_tau1.15_history.csv")[-1]["sigma"]
+    np.testing.assert_allclose(candidates_from_checkpoint(run, 1.15, 3, seed=2),
+                               best_params + sigma * np.random.default_rng(2).standard_normal((3, len(best_params))))

@@ -220,17 +220,30 @@ def run_train_controller(args: TrainController) -> None:
 
 @dataclasses.dataclass
 class Dream(Common):
-    """Evolve the controller inside M's dream (--dream.temperature), then score it in the real environment."""
+    """Evolve the controller inside M's dream (--dream.temperature), then score it in the real environment;
+    with --taus, one controller per temperature and the table of their dream and real returns."""
 
     max_generations: int | None = None
     """Stop after this many generations in total (with a checkpoint); run again to resume."""
     real_eval: bool = True
     """Evaluate the dream's best controller in the real environment (eval.episodes tracks)."""
+    taus: tuple[float, ...] = ()
+    """Temperatures of the table (e.g. 0.5 1.0 1.15 1.3): each trained (or continued) in the dream and
+    scored on real validation tracks, never the evaluation tracks; prints the table (empty: --dream.temperature)."""
+    real_episodes: int | None = None
+    """With --taus: real validation tracks per temperature (default: cma.eval_episodes + cma.select_episodes)."""
 
 
 def run_dream(args: Dream) -> None:
-    from worldmodels.dream import train_controller_in_dream
+    from worldmodels.dream import markdown_table, temperature_table, train_controller_in_dream
 
+    if args.taus:
+        rows = temperature_table(
+            args.config, args.run_dir, args.taus, real_episodes=args.real_episodes,
+            max_generations=args.max_generations, quiet=args.quiet,
+        )
+        print(markdown_table(rows))
+        return
     res = train_controller_in_dream(
         args.config, args.run_dir, quiet=args.quiet, max_generations=args.max_generations,
         evaluate_real=args.real_eval,

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from worldmodels.config import CARRACING_MAX_STEPS, CMAConfig, Config, DreamConfig, resolve_device
+from worldmodels.config import CARRACING_MAX_STEPS, CMA_VALIDATION_OFFSET, CMAConfig, Config, DreamConfig, resolve_device
 from worldmodels.controller import Controller, ControllerShape, load_controller, save_controller
 from worldmodels.data import EpisodeError, dataset_episodes
 from worldmodels.evolution import EvolutionResult, evolve, is_finished
@@ -43,7 +43,7 @@ from worldmodels.runs import (
     BEST_WEIGHTS, DONE_FILE, DREAM_STARTS, DREAM_SUMMARY, RunDir, RunDirError, as_run_dir, load_mdrnn, load_vae, open_npz, read_json,
     save_npz, write_json,
 )
-from worldmodels.tasks import Task
+from worldmodels.tasks import Task, make_tasks
 from worldmodels.vae import frames_to_tensor
 
 INITIAL_FRAME = 50
@@ -513,3 +513,212 @@ def _evaluate_real(cfg: Config, run: RunDir, params: np.ndarray, max_steps: int)
         workers=cfg.cma.workers,
     )
     return dict(real_mean=ev.mean, real_std=ev.std, real_episodes=len(seeds), real_max_steps=max_steps)
+
+
+# --------------------------------------------------------------------------------------
+# Choosing the temperature; does the dream's return predict the real one?
+# --------------------------------------------------------------------------------------
+TEMPERATURES = (0.5, 1.0, 1.15, 1.3, 1.5)
+"""The temperatures of :func:`temperature_table` by default (the paper's Doom table: 0.1 to 1.3)."""
+
+
+def real_validation_seeds(cfg: Config, episodes: int | None = None) -> np.ndarray:
+    """Real tracks on which dream controllers are compared: CMA-ES's validation tracks, then its
+    selection tracks (``cma.eval_episodes + cma.select_episodes`` of them by default), never the
+    evaluation tracks (a `episodes` that would reach them raises ValueError)."""
+    n = cfg.cma.eval_episodes + cfg.cma.select_episodes if episodes is None else int(episodes)
+    if n < 1:
+        raise ValueError(f"real validation episodes must be >= 1, got {n}")
+    seeds = cfg.cma.seed + CMA_VALIDATION_OFFSET + np.arange(n, dtype=np.int64)
+    if seeds[0] < cfg.eval.seed + cfg.eval.episodes and cfg.eval.seed <= seeds[-1]:
+        raise ValueError(
+            f"real validation episodes: {n} tracks from seed {seeds[0]} would reach the evaluation tracks "
+            f"[{cfg.eval.seed}, {cfg.eval.seed + cfg.eval.episodes}); ask for fewer"
+        )
+    return seeds
+
+
+def real_returns(
+    cfg: Config, run: str | Path | RunDir, params: np.ndarray, seeds: np.ndarray, max_steps: int,
+    workers: int | None = None,
+) -> np.ndarray:
+    """Returns (K, E) of K controllers (rows of `params`) on the real tracks `seeds`, full
+    episodes driven exactly (float64), as the evaluation drives; `workers` default ``cfg.cma.workers``."""
+    from worldmodels.parallel import make_executor
+    from worldmodels.rollout import Agent, rollout_task, rollout_worker
+    from worldmodels.tasks import make_tasks, run_tasks
+
+    params = np.atleast_2d(np.asarray(params, np.float64))
+    agent = Agent.from_run(as_run_dir(run), cfg)
+    tasks = make_tasks("validate", params, seeds, cfg.cma.envs_per_worker, max_steps, float64=True)
+    workers = cfg.cma.workers if workers is None else workers
+    if workers == 1:
+        executor = InlineExecutor(init=lambda: (agent, cfg.env))
+    else:
+        executor = make_executor(workers, init=rollout_worker, init_args=agent.init_args(cfg))
+    try:
+        return run_tasks(executor, rollout_task, tasks, cfg.cma.task_timeout).reshape(len(params), len(seeds))
+    finally:
+        executor.close()
+
+
+def dream_returns(
+    cfg: Config, run: str | Path | RunDir, params: np.ndarray, seeds: np.ndarray, tau: float | None = None,
+    max_steps: int | None = None,
+) -> np.ndarray:
+    """Returns (K, E) of K controllers in M's dream at `tau` (default ``cfg.dream.temperature``),
+    one dream per start seed (:func:`initial_z_for_seeds`), all as one batch, drawn as the
+    dream's validation draws them (the same dreams whatever the generation)."""
+    params = np.atleast_2d(np.asarray(params, np.float64))
+    run = as_run_dir(run)
+    mu, logvar = initial_latents(run)
+    mdrnn = load_mdrnn(run, resolve_device(cfg.device)).eval()
+    tau = check_temperature(cfg.dream.temperature if tau is None else tau)
+    worker = DreamWorker(mdrnn, mu, logvar, ControllerShape.from_config(cfg), tau, cfg.dream.threads)
+    steps = cfg.dream.max_steps if max_steps is None else max_steps
+    (task,) = make_tasks("validate", params, seeds, len(params) * len(seeds), steps)
+    return dream_task(worker, task).reshape(len(params), len(seeds))
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 1..n of `x`, ties given their average rank (as Spearman's correlation needs)."""
+    x = np.asarray(x, np.float64)
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(1, len(x) + 1)
+    for value in np.unique(x):
+        tied = x == value
+        ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def correlations(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """Pearson's and Spearman's correlation of two vectors (NaN where one of them is constant)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape or a.ndim != 1 or len(a) < 2:
+        raise ValueError(f"correlations need two vectors of the same length >= 2, got {a.shape} and {b.shape}")
+
+    def pearson(x: np.ndarray, y: np.ndarray) -> float:
+        x, y = x - x.mean(), y - y.mean()
+        denominator = math.sqrt(float(x @ x) * float(y @ y))
+        return float(x @ y) / denominator if denominator > 0 else math.nan
+
+    return pearson(a, b), pearson(_ranks(a), _ranks(b))
+
+
+def dream_real_correlation(
+    cfg: Config,
+    run: str | Path | RunDir,
+    params: np.ndarray,
+    seeds: np.ndarray | None = None,
+    *,
+    tau: float | None = None,
+    real_max_steps: int | None = None,
+    workers: int | None = None,
+) -> dict[str, Any]:
+    """Does a candidate's dream return predict its real return? K controllers (rows of `params`)
+    scored in the dream (:func:`dream_returns`, the seeds as start seeds) and in the real
+    CarRacing on the same seeds as tracks (:func:`real_returns`; default
+    :func:`real_validation_seeds`), each candidate's mean over the seeds; returns both vectors
+    (``dream``, ``real``, (K,)), the per-episode ``dream_episodes`` and ``real_episodes``
+    (K, E), and ``pearson`` and ``spearman``, the correlations over the candidates."""
+    params = np.atleast_2d(np.asarray(params, np.float64))
+    seeds = real_validation_seeds(cfg) if seeds is None else np.asarray(seeds, np.int64).reshape(-1)
+    tau = check_temperature(cfg.dream.temperature if tau is None else tau)
+    dream = dream_returns(cfg, run, params, seeds, tau)
+    real = real_returns(cfg, run, params, seeds, cfg.eval.max_steps if real_max_steps is None else real_max_steps,
+                        workers)
+    pearson, spearman = correlations(dream.mean(1), real.mean(1))
+    return {
+        "temperature": tau, "seeds": seeds.tolist(), "dream": dream.mean(1), "real": real.mean(1),
+        "dream_episodes": dream, "real_episodes": real, "pearson": pearson, "spearman": spearman,
+    }
+
+
+def candidates_from_checkpoint(run: str | Path | RunDir, tau: float, k: int, seed: int = 0) -> np.ndarray:
+    """`k` controllers (k, P) around the dream run at `tau`, as CMA-ES would sample them: from
+    its saved CMA-ES state (``dream_tau{tau}_es.pkl``, left unchanged) when there is one; else
+    (a shipped run has none) the best controller plus isotropic noise of the last recorded
+    step size, drawn from `seed`."""
+    from worldmodels.evolution import load_checkpoint, read_history
+    from worldmodels.runs import ES_CHECKPOINT, HISTORY_FILE
+
+    run, prefix = as_run_dir(run), dream_prefix(check_temperature(tau))
+    checkpoint = run.controller / f"{prefix}{ES_CHECKPOINT}"
+    if checkpoint.exists():
+        es = load_checkpoint(checkpoint).es
+        es.opts["randn"].rng = np.random.RandomState(seed)
+        return np.asarray(es.ask(k), np.float64)
+    best = load_controller(dream_controller_path(run, tau)).params
+    history = read_history(run.controller / f"{prefix}{HISTORY_FILE}")
+    sigma = history[-1]["sigma"]
+    return best + sigma * np.random.default_rng(seed).standard_normal((k, len(best)))
+
+
+def temperature_table(
+    cfg: Config,
+    run: str | Path | RunDir,
+    taus: tuple[float, ...] = TEMPERATURES,
+    *,
+    real_episodes: int | None = None,
+    real_max_steps: int | None = None,
+    max_generations: int | None = None,
+    workers: int | None = None,
+    quiet: bool = False,
+) -> list[dict[str, Any]]:
+    """The paper's temperature table: for each tau, the controller trained in the dream at tau
+    (:func:`train_controller_in_dream`: trained, continued or loaded, files ``dream_tau{tau}_*``),
+    its dream return and its real return on validation tracks (:func:`real_validation_seeds`, full
+    episodes of `real_max_steps`, default ``eval.max_steps``). The evaluation tracks are never
+    used here: choose tau by the real validation return, then score that controller on them
+    (``python -m worldmodels evaluate --controller dream --tau TAU``).
+
+    One row (dict) per tau: ``temperature``, ``finished``, ``generations``, ``dream_return`` and,
+    once finished, ``real_mean``, ``real_std``, ``real_episodes`` (recorded in ``dream.json`` under
+    ``validation``, so that a second call only reads them).
+    """
+    run = as_run_dir(run)
+    seeds = real_validation_seeds(cfg, real_episodes)
+    max_steps = cfg.eval.max_steps if real_max_steps is None else real_max_steps
+    record = {"first_seed": int(seeds[0]), "episodes": len(seeds), "max_steps": max_steps}
+    rows = []
+    for tau in taus:
+        tau = check_temperature(tau)
+        res = train_controller_in_dream(
+            cfg.replace(**{"dream.temperature": tau}), run, quiet=quiet, max_generations=max_generations,
+            evaluate_real=False,
+        )
+        summary_path = run.controller / DREAM_SUMMARY
+        summary = read_json(summary_path) if summary_path.exists() else {}
+        entry = summary.get(f"{tau:g}")
+        row: dict[str, Any] = {"temperature": tau, "finished": entry is not None, "dream_return": res.dream_return}
+        if entry is not None:
+            validation = entry.get("validation")
+            if validation is None or {k: validation.get(k) for k in record} != record:
+                r = real_returns(cfg, run, res.params[None], seeds, max_steps, workers)[0]
+                validation = {**record, "mean": float(r.mean()), "std": float(r.std())}
+                entry["validation"] = validation
+                write_json(summary_path, summary)
+            row.update(generations=entry["generations"], real_mean=validation["mean"], real_std=validation["std"],
+                       real_episodes=validation["episodes"])
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The rows of :func:`temperature_table` as a Markdown table; the best real return in bold."""
+    finished = [r for r in rows if "real_mean" in r]
+    best = max(finished, key=lambda r: r["real_mean"]) if finished else None
+    episodes = finished[0]["real_episodes"] if finished else 0
+    lines = [
+        f"| tau | generations | dream return | real return ({episodes} validation tracks) |",
+        "| ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        if "real_mean" not in r:
+            lines.append(f"| {r['temperature']:g} | not finished | {r['dream_return']:.1f} | |")
+            continue
+        real = f"{r['real_mean']:.1f} ± {r['real_std']:.1f}"
+        lines.append(f"| {r['temperature']:g} | {r['generations']} | {r['dream_return']:.1f} | "
+                     f"{f'**{real}**' if r is best else real} |")
+    return "\n".join(lines)
