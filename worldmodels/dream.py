@@ -72,31 +72,41 @@ class _FusedM(NamedTuple):
     """M's step as two matrix products, its weights laid out once for the dream's loop."""
 
     gates_weight: Tensor
-    """(Z + A + H, 4H): the LSTM's input and recurrent weights over ``[z, a, h]``, gates in
-    the order i, f, o, g (the three sigmoid gates side by side)."""
+    """(Z + A + H, 4H): the LSTM's input and recurrent weights over ``[z, a, h]``, gates in the
+    order i, f, o, g, the g gate's doubled: one sigmoid of all four gives ``tanh(g) = 2 sigmoid(2 g) - 1``."""
     gates_bias: Tensor
-    """(4H,): the LSTM's one bias vector (the last input column of ``weight_ih``), same order."""
+    """(4H,): the LSTM's one bias vector (the last input column of ``weight_ih``), laid out alike."""
     heads_weight: Tensor
-    """(H, 3 Z K + 2): mixture logits, means and log-sigmas, each (Z, K) row-major, then reward and done."""
+    """(H, 3 K Z + 2): mixture logits (divided by tau), means and log-sigmas, each component-major
+    (K blocks of Z columns, so that a reduction over the components is K - 1 element-wise
+    operations), then reward and done."""
     heads_bias: Tensor
-    """(3 Z K + 2,)."""
+    """(3 K Z + 2,)."""
 
 
-def _fuse(mdrnn: MDRNN) -> _FusedM:
-    """:class:`_FusedM` of `mdrnn` (a missing done head reads as logit 0; the dream ignores it)."""
+def _fuse(mdrnn: MDRNN, tau: float) -> _FusedM:
+    """:class:`_FusedM` of `mdrnn` at temperature `tau` (a missing done head reads as logit 0; the dream ignores it)."""
     z, k, h = mdrnn.z_size, mdrnn.n_gaussians, mdrnn.hidden_size
     w_ih, w_hh = mdrnn.lstm.weight_ih_l0.detach(), mdrnn.lstm.weight_hh_l0.detach()
     order = torch.arange(4 * h, device=w_ih.device).view(4, h)[[0, 1, 3, 2]].reshape(-1)  # i, f, g, o -> i, f, o, g
-    gates_weight = torch.cat([w_ih[:, :-1], w_hh], dim=1)[order].T.contiguous()
-    gates_bias = w_ih[order, -1].contiguous()
-    # M's output layer is, per latent dimension, [K logits, K means, K log-sigmas]: regroup by kind.
-    mdn_weight = mdrnn.mdn.weight.detach().view(z, 3, k, h).transpose(0, 1).reshape(3 * z * k, h)
-    mdn_bias = mdrnn.mdn.bias.detach().view(z, 3, k).transpose(0, 1).reshape(3 * z * k)
-    heads_w, heads_b = [mdn_weight], [mdn_bias]
+    scale = torch.ones(4 * h, 1, device=w_ih.device, dtype=w_ih.dtype)
+    scale[3 * h :] = 2.0
+    gates = torch.cat([w_ih, w_hh], dim=1)[order] * scale
+    gates_weight = torch.cat([gates[:, : z + mdrnn.action_size], gates[:, z + mdrnn.action_size + 1 :]], dim=1)
+    gates_bias = gates[:, z + mdrnn.action_size]
+    # M's output layer is, per latent dimension, [K logits, K means, K log-sigmas]: regroup as
+    # (kind, component, dimension).
+    mdn_weight = mdrnn.mdn.weight.detach().view(z, 3, k, h).permute(1, 2, 0, 3).reshape(3, k * z, h)
+    mdn_bias = mdrnn.mdn.bias.detach().view(z, 3, k).permute(1, 2, 0).reshape(3, k * z)
+    mdn_weight, mdn_bias = mdn_weight.clone(), mdn_bias.clone()
+    mdn_weight[0] /= tau
+    mdn_bias[0] /= tau
+    heads_w, heads_b = [mdn_weight.reshape(3 * k * z, h)], [mdn_bias.reshape(-1)]
     for head in (mdrnn.reward_head, mdrnn.done_head):
         heads_w.append(head.weight.detach() if head is not None else mdn_weight.new_zeros(1, h))
         heads_b.append(head.bias.detach() if head is not None else mdn_bias.new_zeros(1))
-    return _FusedM(gates_weight, gates_bias, torch.cat(heads_w).T.contiguous(), torch.cat(heads_b).contiguous())
+    return _FusedM(gates_weight.T.contiguous(), gates_bias.contiguous(), torch.cat(heads_w).T.contiguous(),
+                   torch.cat(heads_b).contiguous())
 
 
 class DreamEnv:
@@ -150,7 +160,7 @@ class DreamEnv:
             )
         n = len(initial_z)
         self.generator = generator
-        self._fused = _fuse(m)
+        self._fused = _fuse(m, self.temperature)
         self.z = initial_z.to(device, dtype)
         self.state = m.initial_state(n)
         self.alive = torch.ones(n, dtype=torch.bool, device=device)
@@ -171,13 +181,13 @@ class DreamEnv:
         n, zs, hs, k = len(self.z), m.z_size, m.hidden_size, m.n_gaussians
         x = self._inputs
         x[:, zs : zs + m.action_size] = actions
-        gates = torch.addmm(fused.gates_bias, x, fused.gates_weight)
-        sigmoids = gates[:, : 3 * hs].sigmoid_()
-        c = torch.addcmul(sigmoids[:, hs : 2 * hs] * self.state[1], sigmoids[:, :hs], gates[:, 3 * hs :].tanh_())
-        h = sigmoids[:, 2 * hs :] * torch.tanh(c)
+        gates = torch.addmm(fused.gates_bias, x, fused.gates_weight).sigmoid_()
+        i, f, o, g = gates.split(hs, dim=1)  # g: sigmoid(2 g), so tanh(g) = 2 g - 1
+        c = (f * self.state[1]).addcmul_(i, g, value=2.0).sub_(i)
+        h = o * torch.tanh(c)
         heads = torch.addmm(fused.heads_bias, h, fused.heads_weight)
         zk = zs * k
-        logits, mu, logsigma = (heads[:, i * zk : (i + 1) * zk].view(n, zs, k) for i in range(3))
+        logits, mu, logsigma = (heads[:, j * zk : (j + 1) * zk].view(n, k, zs) for j in range(3))
         self.z = self._sample(logits, mu, logsigma)
         self.state = (h, c)
         x[:, :zs] = self.z
@@ -193,16 +203,19 @@ class DreamEnv:
         return self.z, reward, ~self.alive, h
 
     def _sample(self, logits: Tensor, mu: Tensor, logsigma: Tensor) -> Tensor:
-        """The next latents (K, Z) from the mixtures (K, Z, components), by inverse CDF."""
-        tau = self.temperature
-        weights = logits * (1.0 / tau)
-        weights = (weights - weights.amax(-1, keepdim=True)).exp_()
-        cumulative = (weights / weights.sum(-1, keepdim=True)).cumsum_(-1)
+        """The next latents (B, Z) from the mixtures (B, components, Z), logits already divided by tau."""
+        top = logits[:, 0].clone()
+        for j in range(1, logits.shape[1]):
+            torch.maximum(top, logits[:, j], out=top)
+        cumulative = (logits - top.unsqueeze(1)).exp_()
+        for j in range(1, logits.shape[1]):
+            cumulative[:, j] += cumulative[:, j - 1]
         u = self._u.uniform_(generator=self.generator)
         eps = self._eps.normal_(generator=self.generator)
-        index = (cumulative <= u.unsqueeze(-1)).sum(-1, keepdim=True).clamp_(max=logits.shape[-1] - 1)
-        sigma = logsigma.gather(-1, index).squeeze(-1).exp_()
-        return torch.addcmul(mu.gather(-1, index).squeeze(-1), sigma, eps, value=math.sqrt(tau))
+        threshold = (u * cumulative[:, -1]).unsqueeze(1)
+        index = (cumulative[:, :-1] <= threshold).sum(1, keepdim=True)
+        sigma = logsigma.gather(1, index).squeeze(1).exp_()
+        return torch.addcmul(mu.gather(1, index).squeeze(1), sigma, eps, value=math.sqrt(self.temperature))
 
 
 def dream_threads(threads: int, batch: int) -> int:
