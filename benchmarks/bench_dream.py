@@ -64,15 +64,18 @@ def dream_steps_per_second(batch: int, steps: int, seed: int = 0) -> float:
     return int(n.sum()) / elapsed
 
 
-def generation_seconds(steps: int, population: int = 64, episodes: int = 16, device: str = "cpu",
+def generation_seconds(steps: int, threads: int, population: int = 64, episodes: int = 16, device: str = "cpu",
                        seed: int = 0) -> tuple[float, float, float]:
-    """One dream generation (`population` x `episodes` dreams of `steps`): its wall-clock seconds,
-    the process's CPU seconds, and the mean return."""
+    """One dream generation (`population` x `episodes` dreams of `steps`) on `threads`: its
+    wall-clock seconds, the process's CPU seconds, and the mean return."""
     shape = ControllerShape("zh", 32, 256)
     rng = np.random.default_rng(seed)
     mu = rng.normal(size=(300, 32)).astype(np.float32)
     logvar = np.full((300, 32), -2.0, np.float32)
     worker = DreamWorker(paper_mdrnn(seed).to(device), mu, logvar, shape, 1.15)
+    if hasattr(worker, "threads"):
+        worker.threads = threads  # the dream's own threads
+    torch.set_num_threads(threads)  # torch's (the only ones of versions before dream.threads)
     params = rng.normal(0, 0.1, (population, shape.n_params))
     seeds = 1_000_000 + np.arange(episodes)
     (task,) = make_tasks("train", params, seeds, population * episodes, steps, generation=0)
@@ -114,8 +117,7 @@ def main() -> None:
               "dream steps/s | mean return |")
         print("| --- | ---: | ---: | ---: | ---: |")
         for threads in args.threads:
-            torch.set_num_threads(threads)
-            seconds, cpu, mean = generation_seconds(steps, device=args.device)
+            seconds, cpu, mean = generation_seconds(steps, threads, device=args.device)
             print(f"| {threads} thread{'s' if threads > 1 else ''} | {seconds:.1f} | {cpu:.1f} | "
                   f"{64 * 16 * steps / seconds:,.0f} | {mean:.3f} |", flush=True)
         return

@@ -450,13 +450,19 @@ def test_temperature_table_trains_each_tau_and_scores_it_on_validation_tracks(fa
 
 def test_threads_follow_the_batch_and_do_not_change_the_returns():
     from worldmodels.dream import THREADED_BATCH, dream_threads
-    from worldmodels.parallel import torch_threads
+    from worldmodels.parallel import cpu_count
 
-    with torch_threads(2):
-        assert (dream_threads(0, THREADED_BATCH), dream_threads(0, THREADED_BATCH - 1), dream_threads(3, 1)) == (2, 1, 3)
+    assert dream_threads(0, THREADED_BATCH) == cpu_count()
+    assert (dream_threads(0, THREADED_BATCH - 1), dream_threads(3, 1)) == (1, 3)
     m = _mdrnn(seed=2)
     ctrl = Controller("zh", Z, H, params=np.random.default_rng(1).normal(0, 0.3, (300, ControllerShape("zh", Z, H).n_params)))
     z0 = torch.randn(300, Z, generator=torch.Generator().manual_seed(3))
-    one, two = (dream_rollout(DreamEnv(m, 1.15, 30), ctrl, z0, torch.Generator().manual_seed(4), threads=t) for t in (1, 2))
-    np.testing.assert_array_equal(one[0], two[0])
-    np.testing.assert_array_equal(one[1], two[1])
+    one, two, three = (dream_rollout(DreamEnv(m, 1.15, 30), ctrl, z0, torch.Generator().manual_seed(4), threads=t)
+                       for t in (1, 2, 3))
+    for other in (two, three):
+        np.testing.assert_array_equal(one[0], other[0])
+        np.testing.assert_array_equal(one[1], other[1])
+    env = DreamEnv(m, 1.15, 30)
+    env.reset(z0, threads=3)
+    assert [(s.start, s.stop) for s in env._slices] == [(0, 100), (100, 200), (200, 300)]
+    env.close()

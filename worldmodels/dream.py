@@ -8,9 +8,17 @@ comes up (or after ``max_steps``). Higher ``tau`` makes the dream more uncertain
 keeps the controller from exploiting M's mistakes (the paper's VizDoom experiment:
 ``tau = 0.1`` scored 193 in the real game, ``tau = 1.15`` scored 1092).
 
-A whole generation, population x episodes dreams, runs as one tensor batch: one
-``(B, Z)`` latent, one LSTM state, one :class:`~worldmodels.controller.Controller`
-call per step.
+A whole generation, ``dream.population`` x ``dream.episodes_per_candidate`` dreams (the
+paper's 64 x 16, whatever the real evolution's ``cma`` population), runs as one tensor
+batch on ``resolve_device(cfg.device)``: one ``(B, Z)`` latent, one LSTM state, one
+:class:`~worldmodels.controller.Controller` call per step, and no wait for the device
+inside the loop but a check for the end every :data:`DONE_CHECK_EVERY` steps.
+
+**Choosing tau.** :func:`temperature_table` trains a controller in the dream at each
+temperature and scores it on real *validation* tracks (:func:`real_validation_seeds`),
+the paper's Doom table for CarRacing; the evaluation tracks only score the chosen one.
+:func:`dream_real_correlation` asks whether the dream ranks candidates as the real track
+does: K controllers, their dream and real returns, Pearson and Spearman over them.
 
 **Initial latents.** A dream starts from a real latent: the posterior of V at frame
 :data:`INITIAL_FRAME` (50) of a collected episode, just after CarRacing's zoom-in
@@ -25,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -38,7 +47,7 @@ from worldmodels.controller import Controller, ControllerShape, load_controller,
 from worldmodels.data import EpisodeError, dataset_episodes
 from worldmodels.evolution import EvolutionResult, evolve, is_finished
 from worldmodels.mdrnn import MDRNN
-from worldmodels.parallel import InlineExecutor, torch_threads
+from worldmodels.parallel import InlineExecutor, cpu_count, one_torch_thread
 from worldmodels.runs import (
     BEST_WEIGHTS, DONE_FILE, DREAM_STARTS, DREAM_SUMMARY, RunDir, RunDirError, as_run_dir, load_mdrnn, load_vae, open_npz, read_json,
     save_npz, write_json,
@@ -63,9 +72,9 @@ DONE_CHECK_EVERY = 50
 ask waits for the device, so that a batch on a GPU runs ahead of the Python loop in between."""
 
 THREADED_BATCH = 256
-"""With ``dream.threads = 0``, a batch of at least this many dreams runs on all of torch's
-threads (one big matrix product a step), a smaller one on one thread (synchronisation costs
-more than it saves)."""
+"""With ``dream.threads = 0``, a batch of at least this many dreams on the CPU runs in one
+slice per core (see :func:`dream_rollout`), a smaller one in one piece (meeting costs more
+than it saves)."""
 
 
 class _FusedM(NamedTuple):
@@ -140,6 +149,7 @@ class DreamEnv:
         self.z: Tensor | None = None
         self.state: tuple[Tensor, Tensor] | None = None
         self.alive: Tensor | None = None
+        self._pool: ThreadPoolExecutor | None = None
         self.t = 0
 
     @property
@@ -147,8 +157,14 @@ class DreamEnv:
         return self.mdrnn.mdn.weight.device
 
     @torch.no_grad()
-    def reset(self, initial_z: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """Start K dreams at `initial_z` (K, Z); returns ``(z, h)`` with h = 0, on M's device."""
+    def reset(
+        self, initial_z: Tensor, generator: torch.Generator | None = None, threads: int = 1
+    ) -> tuple[Tensor, Tensor]:
+        """Start K dreams at `initial_z` (K, Z); returns ``(z, h)`` with h = 0, on M's device.
+
+        `threads` > 1: each step works on that many slices of the batch at once, in threads
+        of this process (see :meth:`step`); :meth:`close` ends them.
+        """
         m = self.mdrnn
         if initial_z.ndim != 2 or initial_z.shape[1] != m.z_size:
             raise ValueError(f"initial_z must be (K, {m.z_size}), got {tuple(initial_z.shape)}")
@@ -159,6 +175,7 @@ class DreamEnv:
                 f"make it with torch.Generator(device={str(device)!r})"
             )
         n = len(initial_z)
+        self.close()
         self.generator = generator
         self._fused = _fuse(m, self.temperature)
         self.z = initial_z.to(device, dtype)
@@ -169,40 +186,61 @@ class DreamEnv:
         self._u = torch.empty(n, m.z_size, device=device, dtype=dtype)
         self._eps = torch.empty_like(self._u)
         self._coin = torch.empty(n, device=device, dtype=dtype)
+        self._slices = [slice(a, b) for a, b in zip(*_bounds(n, threads if device.type == "cpu" else 1))]
+        if len(self._slices) > 1:
+            self._pool = ThreadPoolExecutor(len(self._slices), thread_name_prefix="dream")
         self.t = 0
         return self.z, self.state[0]
 
+    def close(self) -> None:
+        """End the threads of a dream reset with ``threads > 1`` (nothing else to release)."""
+        pool, self._pool = getattr(self, "_pool", None), None
+        if pool is not None:
+            pool.shutdown()
+
     @torch.no_grad()
     def step(self, actions: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Advance every dream by one step; returns ``(z_next, reward, done, h)``."""
+        """Advance every dream by one step; returns ``(z_next, reward, done, h)``.
+
+        The step's noise is drawn for the whole batch first, so that dreams computed in
+        slices (``reset(..., threads=n)``) get the same numbers as in one piece.
+        """
         if self.state is None:
             raise RuntimeError("DreamEnv: call reset first")
-        m, fused = self.mdrnn, self._fused
-        n, zs, hs, k = len(self.z), m.z_size, m.hidden_size, m.n_gaussians
-        x = self._inputs
-        x[:, zs : zs + m.action_size] = actions
-        gates = torch.addmm(fused.gates_bias, x, fused.gates_weight).sigmoid_()
-        i, f, o, g = gates.split(hs, dim=1)  # g: sigmoid(2 g), so tanh(g) = 2 g - 1
-        c = (f * self.state[1]).addcmul_(i, g, value=2.0).sub_(i)
-        h = o * torch.tanh(c)
-        heads = torch.addmm(fused.heads_bias, h, fused.heads_weight)
-        zk = zs * k
-        logits, mu, logsigma = (heads[:, j * zk : (j + 1) * zk].view(n, k, zs) for j in range(3))
-        self.z = self._sample(logits, mu, logsigma)
-        self.state = (h, c)
-        x[:, :zs] = self.z
-        x[:, zs + m.action_size :] = h
-
-        reward = torch.where(self.alive, heads[:, 3 * zk], 0.0)
-        self.t += 1
+        m = self.mdrnn
+        self._inputs[:, m.z_size : m.z_size + m.action_size] = actions
+        self._u.uniform_(generator=self.generator)
+        self._eps.normal_(generator=self.generator)
         coin = self._coin.uniform_(generator=self.generator)
+        if self._pool is None:
+            z, h, c, heads = self._rows(slice(None))
+        else:
+            z, h, c, heads = (torch.cat(parts) for parts in zip(*self._pool.map(self._rows, self._slices)))
+        self.z, self.state = z, (h, c)
+        self._inputs[:, : m.z_size] = z
+        self._inputs[:, m.z_size + m.action_size :] = h
+
+        reward = torch.where(self.alive, heads[:, 0], 0.0)
+        self.t += 1
         if m.done_head is not None:
-            self.alive &= coin >= torch.sigmoid(heads[:, 3 * zk + 1])
+            self.alive &= coin >= torch.sigmoid(heads[:, 1])
         if self.t >= self.max_steps:
             self.alive.zero_()
-        return self.z, reward, ~self.alive, h
+        return z, reward, ~self.alive, h
 
-    def _sample(self, logits: Tensor, mu: Tensor, logsigma: Tensor) -> Tensor:
+    def _rows(self, rows: slice) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """One step of the dreams `rows`: next ``z``, ``h``, ``c`` and the reward and done logits (n, 2)."""
+        fused, hs, zs, k = self._fused, self.mdrnn.hidden_size, self.mdrnn.z_size, self.mdrnn.n_gaussians
+        gates = torch.addmm(fused.gates_bias, self._inputs[rows], fused.gates_weight).sigmoid_()
+        i, f, o, g = gates.split(hs, dim=1)  # g: sigmoid(2 g), so tanh(g) = 2 g - 1
+        c = (f * self.state[1][rows]).addcmul_(i, g, value=2.0).sub_(i)
+        h = o * torch.tanh(c)
+        heads = torch.addmm(fused.heads_bias, h, fused.heads_weight)
+        n, zk = len(h), zs * k
+        logits, mu, logsigma = (heads[:, j * zk : (j + 1) * zk].view(n, k, zs) for j in range(3))
+        return self._sample(logits, mu, logsigma, self._u[rows], self._eps[rows]), h, c, heads[:, 3 * zk :]
+
+    def _sample(self, logits: Tensor, mu: Tensor, logsigma: Tensor, u: Tensor, eps: Tensor) -> Tensor:
         """The next latents (B, Z) from the mixtures (B, components, Z), logits already divided by tau."""
         top = logits[:, 0].clone()
         for j in range(1, logits.shape[1]):
@@ -210,19 +248,23 @@ class DreamEnv:
         cumulative = (logits - top.unsqueeze(1)).exp_()
         for j in range(1, logits.shape[1]):
             cumulative[:, j] += cumulative[:, j - 1]
-        u = self._u.uniform_(generator=self.generator)
-        eps = self._eps.normal_(generator=self.generator)
         threshold = (u * cumulative[:, -1]).unsqueeze(1)
         index = (cumulative[:, :-1] <= threshold).sum(1, keepdim=True)
         sigma = logsigma.gather(1, index).squeeze(1).exp_()
         return torch.addcmul(mu.gather(1, index).squeeze(1), sigma, eps, value=math.sqrt(self.temperature))
 
 
+def _bounds(n: int, parts: int) -> tuple[list[int], list[int]]:
+    """Starts and ends of `parts` near-equal slices of n rows (fewer, so that each has 64 rows or more)."""
+    edges = [round(n * j / max(1, min(parts, n // 64))) for j in range(max(1, min(parts, n // 64)) + 1)]
+    return edges[:-1], edges[1:]
+
+
 def dream_threads(threads: int, batch: int) -> int:
-    """Torch threads for a batch of `batch` dreams: `threads`, or with 0 see :data:`THREADED_BATCH`."""
+    """Threads for a batch of `batch` dreams on the CPU: `threads`, or with 0 see :data:`THREADED_BATCH`."""
     if threads:
         return threads
-    return torch.get_num_threads() if batch >= THREADED_BATCH else 1
+    return cpu_count() if batch >= THREADED_BATCH else 1
 
 
 @torch.no_grad()
@@ -232,13 +274,14 @@ def dream_steps(
     initial_z: Tensor,
     generator: torch.Generator | None = None,
     check_every: int = DONE_CHECK_EVERY,
+    threads: int = 1,
 ) -> tuple[Tensor, Tensor]:
     """The loop of :func:`dream_rollout`, on M's device: returns (B,) and steps (B,) as tensors there.
 
     Nothing in it waits for the device but the check, every `check_every` steps, whether
-    every dream has ended (the returns do not depend on `check_every`).
+    every dream has ended (the returns depend neither on `check_every` nor on `threads`).
     """
-    z, h = env.reset(initial_z, generator)
+    z, h = env.reset(initial_z, generator, threads)
     acc = torch.float32 if z.device.type == "mps" else torch.float64  # MPS has no float64
     returns = torch.zeros(len(z), dtype=acc, device=z.device)
     steps = torch.zeros(len(z), dtype=torch.int64, device=z.device)
@@ -264,11 +307,19 @@ def dream_rollout(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Run B dreams to their end, dream b with controller b: returns (returns (B,), steps (B,)).
 
-    The controller must be on M's device. Torch runs on :func:`dream_threads` threads
-    meanwhile; the returns come back from the device once, at the end.
+    The controller must be on M's device; the returns come back from it once, at the end.
+    On the CPU, a step of a large batch runs in :func:`dream_threads` slices at once, in
+    threads of this process, each torch operation on one thread: the threads meet once a
+    step, not once an operation as torch's own intra-op threads do (which on a two-core
+    machine busy with other jobs made a generation 4.6 times slower than one thread).
     """
-    with torch_threads(dream_threads(threads, len(initial_z))):
-        returns, steps = dream_steps(env, controller, initial_z, generator, check_every)
+    with one_torch_thread():
+        try:
+            returns, steps = dream_steps(
+                env, controller, initial_z, generator, check_every, dream_threads(threads, len(initial_z))
+            )
+        finally:
+            env.close()
         return returns.double().cpu().numpy(), steps.cpu().numpy()
 
 

@@ -76,25 +76,15 @@ def one_torch_thread() -> Iterator[None]:
     on one thread, over 100 ms on two threads of a two-core machine kept busy by another
     job); parallelism comes from processes.
     """
-    with torch_threads(1):
-        yield
-
-
-@contextmanager
-def torch_threads(threads: int) -> Iterator[None]:
-    """Run torch on `threads` intra-op threads inside the block (the previous count restored after)."""
     import torch
 
-    if threads < 1:
-        raise ValueError(f"threads must be >= 1, got {threads}")
-    previous = torch.get_num_threads()
-    if threads != previous:
-        torch.set_num_threads(threads)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         yield
     finally:
-        if torch.get_num_threads() != previous:
-            torch.set_num_threads(previous)
+        if threads != 1:
+            torch.set_num_threads(threads)
 
 
 def _init_worker() -> None:

@@ -274,7 +274,8 @@ class DreamConfig(_Section):
     episodes_per_candidate: int = _bounded(16, 1, 10_000)
     """Dreams averaged into each candidate's fitness (the paper's 16)."""
     threads: int = _bounded(0, 0, 1024, runtime=True)
-    """Torch threads of a batch of dreams (0: all of torch's for a batch of at least 256 dreams, else 1)."""
+    """Threads of a batch of dreams on the CPU, each on a slice of it (0: one per core for a batch of
+    at least 256 dreams, else 1)."""
 
     _section = "dream"
 
