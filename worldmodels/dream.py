@@ -69,7 +69,7 @@ def check_temperature(tau: float) -> float:
 
 DONE_CHECK_EVERY = 50
 """:func:`dream_rollout` asks whether every dream has ended once every this many steps: each
-ask waits for the device, so that a batch on a GPU runs ahead of the Python loop in between."""
+ask waits for the device; in between, the loop queues a GPU's work without waiting for it."""
 
 THREADED_BATCH = 256
 """With ``dream.threads = 0``, a batch of at least this many dreams on the CPU runs in one
