@@ -132,10 +132,11 @@ def test_evaluate_the_shipped_dream_controller(tmp_path, capsys):
     assert (run / "eval" / "results.json").read_bytes() == shipped.read_bytes()  # the main agent's, untouched
 
 
-def test_dream_with_taus_prints_the_temperature_table(fake_run, capsys):
+def test_dream_prints_the_temperature_table_and_the_dream_real_correlation(fake_run, capsys):
     import numpy as np
 
     from worldmodels.config import preset
+    from worldmodels.dream import correlations
     from worldmodels.runs import save_npz
 
     cfg = preset("tiny")
@@ -148,3 +149,11 @@ def test_dream_with_taus_prints_the_temperature_table(fake_run, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "| tau | generations | dream return | real return (1 validation tracks) |"
     assert [line.split(" | ")[0] for line in lines[2:]] == ["| 0.5", "| 1.3"] and len(lines) == 4
+
+    main(["dream", "--scale", "tiny", "--run-dir", str(run.path), "--dream.temperature", "1.3", "--correlation", "3",
+          "--real-episodes", "2", "--cma.workers", "1"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["temperature"] == 1.3 and out["seeds"] == [cfg.cma.seed + 500_000, cfg.cma.seed + 500_001]
+    assert len(out["dream"]) == len(out["real"]) == 3
+    expected = correlations(out["dream"], out["real"])  # NaN here: 30 real steps do not tell them apart
+    assert [out["pearson"], out["spearman"]] == pytest.approx(list(expected), nan_ok=True)

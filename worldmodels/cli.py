@@ -231,12 +231,19 @@ class Dream(Common):
     """Temperatures of the table (e.g. 0.5 1.0 1.15 1.3): each trained (or continued) in the dream and
     scored on real validation tracks, never the evaluation tracks; prints the table (empty: --dream.temperature)."""
     real_episodes: int | None = None
-    """With --taus: real validation tracks per temperature (default: cma.eval_episodes + cma.select_episodes)."""
+    """With --taus or --correlation: real validation tracks (default: cma.eval_episodes + cma.select_episodes)."""
+    correlation: int = 0
+    """Instead of training: this many candidates around the dream run at --dream.temperature (from its
+    CMA-ES state, or around its best controller) scored in the dream and on the real validation tracks;
+    prints one JSON object with both mean returns and their Pearson and Spearman correlation."""
 
 
 def run_dream(args: Dream) -> None:
     from worldmodels.dream import markdown_table, temperature_table, train_controller_in_dream
 
+    if args.correlation:
+        _print_correlation(args)
+        return
     if args.taus:
         rows = temperature_table(
             args.config, args.run_dir, args.taus, real_episodes=args.real_episodes,
@@ -252,6 +259,19 @@ def run_dream(args: Dream) -> None:
     if res.real is not None:
         line += f", real {res.real['real_mean']:.1f} +- {res.real['real_std']:.1f} over {res.real['real_episodes']} tracks"
     print(line)
+
+
+def _print_correlation(args: Dream) -> None:
+    import json
+
+    from worldmodels.dream import candidates_from_checkpoint, dream_real_correlation, real_validation_seeds
+
+    cfg = _run_config(args)
+    tau = args.config.dream.temperature
+    params = candidates_from_checkpoint(args.run_dir, tau, args.correlation)
+    out = dream_real_correlation(cfg, args.run_dir, params, real_validation_seeds(cfg, args.real_episodes), tau=tau)
+    keys = ("temperature", "seeds", "dream", "real", "pearson", "spearman")
+    print(json.dumps({k: (out[k].tolist() if hasattr(out[k], "tolist") else out[k]) for k in keys}))
 
 
 @dataclasses.dataclass
