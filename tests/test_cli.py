@@ -96,3 +96,79 @@ def test_pipeline_on_finished_v_and_m_collects_nothing(fake_run):
     assert not any((run.path / "data").glob("*")) and not any((run.path / "latents").glob("*"))
     results = json.loads((run.path / "eval" / "results.json").read_text())
     assert results["episodes"] == cfg.eval.episodes and results["max_steps"] == cfg.eval.max_steps
+
+
+def test_evaluate_the_dream_controller(fake_run, capsys):
+    """--controller dream evaluates controller/dream_tau{tau}_best.safetensors exactly as --controller FILE
+    does, prints the same JSON, and keeps the main agent's results.json; without one it names the file."""
+    import numpy as np
+
+    from worldmodels.config import preset
+    from worldmodels.controller import ControllerShape, save_controller
+
+    cfg = preset("tiny")
+    run = fake_run(cfg, controller=True)
+    flags = ["--run-dir", str(run.path), "--episodes", "2", "--seed", "7", "--max-steps", "80", "--workers", "1", "--json"]
+    with pytest.raises(SystemExit) as exit_:
+        main(["evaluate", "--scale", "tiny", "--controller", "dream", *flags])
+    dream_file = run.path / "controller" / "dream_tau1.15_best.safetensors"
+    assert exit_.value.code == (
+        f"error: {dream_file}: no dream-trained controller at tau 1.15; make it with "
+        f"`python -m worldmodels dream --run-dir {run.path} --dream.temperature 1.15`"
+    )
+
+    shape = ControllerShape.from_config(cfg)
+    save_controller(dream_file, np.random.default_rng(3).normal(0, 3.0, shape.n_params), shape)
+    main(["evaluate", "--scale", "tiny", *flags])
+    main_agent = json.loads(capsys.readouterr().out)
+    main(["evaluate", "--scale", "tiny", "--controller", "dream", *flags])
+    dream = json.loads(capsys.readouterr().out)
+    main(["evaluate", "--scale", "tiny", "--controller", str(dream_file), *flags])
+    by_file = json.loads(capsys.readouterr().out)
+    assert set(dream) == set(main_agent) == {"returns", "seeds", "episodes", "mean", "std", "min", "max"}
+    assert dream == by_file and dream["seeds"] == [7, 8] and dream["returns"] != main_agent["returns"]
+    assert json.loads((run.eval / "dream_results.json").read_text())["controller"] == str(dream_file)
+    with pytest.raises(SystemExit, match="dream_tau0.5_best.safetensors: no dream-trained controller at tau 0.5"):
+        main(["evaluate", "--scale", "tiny", "--controller", "dream", "--tau", "0.5", *flags])
+
+
+def test_evaluate_the_shipped_dream_controller(tmp_path, capsys):
+    from worldmodels import pretrained
+
+    run = tmp_path / "book"
+    main(["evaluate", "--pretrained", "book", "--run-dir", str(run), "--controller", "dream", "--episodes", "1",
+          "--seed", "2000000000", "--max-steps", "30", "--workers", "1", "--json"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["episodes"] == 1 and printed["seeds"] == [2000000000]
+    written = json.loads((run / "eval" / "dream_results.json").read_text())
+    assert written["controller"] == str(run / "controller" / "dream_tau1.15_best.safetensors")
+    assert written["returns"] == printed["returns"]
+    shipped = pretrained.ROOT / "book" / "eval" / "results.json"
+    assert (run / "eval" / "results.json").read_bytes() == shipped.read_bytes()  # the main agent's, untouched
+
+
+def test_dream_prints_the_temperature_table_and_the_dream_real_correlation(fake_run, capsys):
+    import numpy as np
+
+    from worldmodels.config import preset
+    from worldmodels.dream import correlations
+    from worldmodels.runs import save_npz
+
+    cfg = preset("tiny")
+    run = fake_run(cfg)
+    for i in range(2):
+        mu = np.random.default_rng(i).normal(size=(61, cfg.vae.z_size)).astype(np.float16)
+        save_npz(run.latents / f"ep{i:05d}.npz", mu=mu, logvar=np.full_like(mu, -2))
+    main(["dream", "--scale", "tiny", "--run-dir", str(run.path), "--taus", "0.5", "1.3", "--real-episodes", "1",
+          "--dream.generations", "1", "--cma.workers", "1", "--quiet"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "| tau | generations | dream return | real return (1 validation tracks) |"
+    assert [line.split(" | ")[0] for line in lines[2:]] == ["| 0.5", "| 1.3"] and len(lines) == 4
+
+    main(["dream", "--scale", "tiny", "--run-dir", str(run.path), "--dream.temperature", "1.3", "--correlation", "3",
+          "--real-episodes", "2", "--cma.workers", "1"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["temperature"] == 1.3 and out["seeds"] == [cfg.cma.seed + 500_000, cfg.cma.seed + 500_001]
+    assert len(out["dream"]) == len(out["real"]) == 3
+    expected = correlations(out["dream"], out["real"])  # NaN here: 30 real steps do not tell them apart
+    assert [out["pearson"], out["spearman"]] == pytest.approx(list(expected), nan_ok=True)

@@ -17,7 +17,9 @@ from typing import Annotated, Callable
 import tyro
 
 from worldmodels.config import SCALES, Config, ConfigError, preset, unchecked
-from worldmodels.runs import HISTORY_FILE, SELECTION_FILE, RunDir, RunDirError, read_json
+from worldmodels.runs import (
+    DREAM_RESULTS_FILE, HISTORY_FILE, RESULTS_FILE, SELECTION_FILE, RunDir, RunDirError, read_json,
+)
 
 
 @dataclasses.dataclass
@@ -62,8 +64,12 @@ class Evaluate(Common):
     """First track's seed; episode i uses seed + i (default: eval.seed)."""
     json: bool = False
     """Print one JSON object (returns, mean, std, min, max) instead of a readable line."""
-    controller: Path | None = None
-    """Controller file (default: RUN_DIR/controller/best.safetensors)."""
+    controller: str = "main"
+    """'main' (the run's agent, RUN_DIR/controller/best.safetensors), 'dream' (the controller trained in
+    M's dream, RUN_DIR/controller/dream_tau{TAU}_best.safetensors; results in eval/dream_results.json),
+    or a controller file."""
+    tau: float | None = None
+    """With --controller dream: the dream's temperature (default: dream.temperature of the run's config)."""
     workers: int | None = None
     """Worker processes (default: cma.workers; 0: one per core)."""
     max_steps: int | None = None
@@ -83,9 +89,14 @@ def run_evaluate(args: Evaluate) -> None:
 
         pretrained.install(args.pretrained, args.run_dir)
     cfg = _run_config(args)
+    controller, results_file = (None if args.controller == "main" else Path(args.controller)), RESULTS_FILE
+    if args.controller == "dream":
+        from worldmodels.dream import dream_controller_path
+
+        controller, results_file = dream_controller_path(args.run_dir, args.tau), DREAM_RESULTS_FILE
     results = evaluate_run(
         args.run_dir, cfg, episodes=args.episodes, seed=args.seed, workers=args.workers,
-        controller=args.controller, max_steps=args.max_steps,
+        controller=controller, max_steps=args.max_steps, results_file=results_file,
     )
     if args.json:
         print(json.dumps({k: results[k] for k in ("returns", "seeds", "episodes", "mean", "std", "min", "max")}))
@@ -209,17 +220,37 @@ def run_train_controller(args: TrainController) -> None:
 
 @dataclasses.dataclass
 class Dream(Common):
-    """Evolve the controller inside M's dream (--dream.temperature), then score it in the real environment."""
+    """Evolve the controller inside M's dream (--dream.temperature), then score it in the real environment;
+    with --taus, one controller per temperature and the table of their dream and real returns."""
 
     max_generations: int | None = None
     """Stop after this many generations in total (with a checkpoint); run again to resume."""
     real_eval: bool = True
     """Evaluate the dream's best controller in the real environment (eval.episodes tracks)."""
+    taus: tuple[float, ...] = ()
+    """Temperatures of the table (e.g. 0.5 1.0 1.15 1.3): each trained (or continued) in the dream and
+    scored on real validation tracks, never the evaluation tracks; prints the table (empty: --dream.temperature)."""
+    real_episodes: int | None = None
+    """With --taus or --correlation: real validation tracks (default: cma.eval_episodes + cma.select_episodes)."""
+    correlation: int = 0
+    """Instead of training: this many candidates around the dream run at --dream.temperature (from its
+    CMA-ES state, or around its best controller) scored in the dream and on the real validation tracks;
+    prints one JSON object with both mean returns and their Pearson and Spearman correlation."""
 
 
 def run_dream(args: Dream) -> None:
-    from worldmodels.dream import train_controller_in_dream
+    from worldmodels.dream import markdown_table, temperature_table, train_controller_in_dream
 
+    if args.correlation:
+        _print_correlation(args)
+        return
+    if args.taus:
+        rows = temperature_table(
+            args.config, args.run_dir, args.taus, real_episodes=args.real_episodes,
+            max_generations=args.max_generations, quiet=args.quiet,
+        )
+        print(markdown_table(rows))
+        return
     res = train_controller_in_dream(
         args.config, args.run_dir, quiet=args.quiet, max_generations=args.max_generations,
         evaluate_real=args.real_eval,
@@ -228,6 +259,19 @@ def run_dream(args: Dream) -> None:
     if res.real is not None:
         line += f", real {res.real['real_mean']:.1f} +- {res.real['real_std']:.1f} over {res.real['real_episodes']} tracks"
     print(line)
+
+
+def _print_correlation(args: Dream) -> None:
+    import json
+
+    from worldmodels.dream import candidates_from_checkpoint, dream_real_correlation, real_validation_seeds
+
+    cfg = _run_config(args)
+    tau = args.config.dream.temperature
+    params = candidates_from_checkpoint(args.run_dir, tau, args.correlation)
+    out = dream_real_correlation(cfg, args.run_dir, params, real_validation_seeds(cfg, args.real_episodes), tau=tau)
+    keys = ("temperature", "seeds", "dream", "real", "pearson", "spearman")
+    print(json.dumps({k: (out[k].tolist() if hasattr(out[k], "tolist") else out[k]) for k in keys}))
 
 
 @dataclasses.dataclass

@@ -122,7 +122,8 @@ class Controller:
     With ``index`` (an integer array of n of the K rows, or a slice) only those controllers act,
     on inputs of n rows: rollouts use it to skip the environments that have finished. A single
     controller (K = 1) acts on any number of input rows. The weights are
-    held in `dtype` (float32, or float64 for the evaluation's exact driving; inputs must match).
+    held in `dtype` (float32, or float64 for the evaluation's exact driving; inputs must match)
+    on `device` (the dream's, say; inputs must be there too).
 
     >>> Controller("zh").set_flat(np.zeros(867))(torch.zeros(1, 32), torch.zeros(1, 256))
     tensor([[0.0000, 0.5000, 0.0000]])
@@ -137,18 +138,26 @@ class Controller:
         *,
         params: np.ndarray | None = None,
         dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
     ):
         self.shape = ControllerShape(kind, z_size, hidden_size, hidden_units)
         self.dtype = dtype
+        self.device = torch.device(device)
         self._layers: list[tuple[Tensor, Tensor]] = []
         if params is not None:
             self.set_flat(params)
 
     @classmethod
     def from_shape(
-        cls, shape: ControllerShape, params: np.ndarray | None = None, dtype: torch.dtype = torch.float32
+        cls,
+        shape: ControllerShape,
+        params: np.ndarray | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
     ) -> Controller:
-        return cls(shape.kind, shape.z_size, shape.hidden_size, shape.hidden_units, params=params, dtype=dtype)
+        return cls(
+            shape.kind, shape.z_size, shape.hidden_size, shape.hidden_units, params=params, dtype=dtype, device=device
+        )
 
     @classmethod
     def from_config(cls, cfg: Config, params: np.ndarray | None = None) -> Controller:
@@ -168,7 +177,7 @@ class Controller:
 
     def set_flat(self, params: np.ndarray) -> Controller:
         """Take K flat parameter vectors (K, P), or one (P,); returns self."""
-        flat = torch.as_tensor(np.asarray(params), dtype=self.dtype)
+        flat = torch.as_tensor(np.asarray(params), dtype=self.dtype, device=self.device)
         if flat.ndim not in (1, 2):
             raise ValueError(f"params must be (P,) or (K, P), got shape {tuple(flat.shape)}")
         layers = _split(flat.reshape(-1, flat.shape[-1]), self.shape)
@@ -180,7 +189,7 @@ class Controller:
     def to_flat(self) -> np.ndarray:
         """The parameters as float64 flat vectors (K, P), the inverse of :meth:`set_flat`."""
         parts = [t.flatten(1) for layer in self._layers for t in layer]
-        return torch.cat(parts, dim=1).double().numpy()
+        return torch.cat(parts, dim=1).double().cpu().numpy()
 
     def __call__(self, z: Tensor, h: Tensor | None = None, index: np.ndarray | slice | None = None) -> Tensor:
         if not self._layers:

@@ -148,6 +148,7 @@ def evaluate_run(
     workers: int | None = None,
     controller: str | Path | None = None,
     max_steps: int | None = None,
+    results_file: str = RESULTS_FILE,
 ) -> dict[str, Any]:
     """The paper's protocol on a run: its best controller drives full episodes on unseen tracks.
 
@@ -155,7 +156,7 @@ def evaluate_run(
     episodes of at most `max_steps` steps (default ``cfg.eval.max_steps``), in ``workers``
     processes (default ``cfg.cma.workers``; 0: one per core), each task of
     ``cfg.cma.envs_per_worker`` episodes within ``cfg.cma.task_timeout`` seconds. Writes and
-    returns ``run/eval/results.json``: returns, seeds, episodes, mean, std, min, max,
+    returns ``run/eval/{results_file}`` (default ``results.json``): returns, seeds, episodes, mean, std, min, max,
     the controller's path, max_steps, the seconds it took and, for the run's own best
     controller, ``controller_generations`` (the generations it was chosen from) and
     ``controller_generation`` (the one chosen), so that results of a controller since evolved
@@ -180,7 +181,7 @@ def evaluate_run(
         chosen = weights_metadata(path).get("generation")
         if chosen is not None:
             out["controller_generation"] = int(chosen)
-    write_json(run.eval / RESULTS_FILE, out)
+    write_json(run.eval / results_file, out)
     return out
 
 

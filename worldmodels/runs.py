@@ -42,6 +42,7 @@ SELECTION_FILE = "selection.json"  # controller/: the final selection among the 
 DREAM_SUMMARY = "dream.json"  # controller/: the dream-trained controllers' record
 DREAM_STARTS = "dream_starts.npz"  # controller/: the dreams' start latents, for a run without its latents
 RESULTS_FILE = "results.json"  # eval/: the evaluation on the unseen tracks
+DREAM_RESULTS_FILE = "dream_results.json"  # eval/: the dream-trained controller's evaluation on them
 ABLATIONS_FOLDER = "ablations"  # one run directory per ablation: ablations/NAME/
 
 

@@ -66,8 +66,9 @@ def book() -> Config:
             select_episodes=48,
             early_stop_steps=100,
         ),
-        # The dream's controller is chapter 6's demonstration (it does not transfer to the
-        # real track); 120 generations (~7 min) show its learning curve flatten.
+        # In the dream, the paper's population (64 x 16, the DreamConfig defaults): a
+        # generation is one batch of 1,024 dreams, cheap enough on 2 cores
+        # (benchmarks/README.md); 120 generations show the learning curve flatten.
         dream=DreamConfig(generations=120),
         eval=EvalConfig(episodes=100),
     )
@@ -91,7 +92,7 @@ def tiny() -> Config:
             envs_per_worker=2,
             task_timeout=600.0,
         ),
-        dream=DreamConfig(max_steps=30),
+        dream=DreamConfig(max_steps=30, population=4, episodes_per_candidate=1),
         eval=EvalConfig(episodes=2, max_steps=30),
     )
 

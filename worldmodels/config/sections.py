@@ -280,6 +280,13 @@ class DreamConfig(_Section):
     """Steps per dreamed episode."""
     generations: int = _bounded(0, 0, extendable=True)
     """CMA-ES generations in the dream (0: as many as ``cma.generations``)."""
+    population: int = _bounded(64, 2, 100_000)
+    """Candidates per generation in the dream (the paper's 64: a whole generation is one batch of dreams)."""
+    episodes_per_candidate: int = _bounded(16, 1, 10_000)
+    """Dreams averaged into each candidate's fitness (the paper's 16)."""
+    threads: int = _bounded(0, 0, 1024, runtime=True)
+    """Threads of a batch of dreams on the CPU, each on a slice of it (0: one per core for a batch of
+    at least 256 dreams, else 1)."""
 
     _section = "dream"
 
