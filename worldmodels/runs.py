@@ -8,6 +8,7 @@ leaves a half-written file behind.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -146,6 +147,15 @@ def read_pickle(path: str | Path) -> Any:
         return pickle.loads(data)
     except Exception as e:  # a damaged pickle can raise almost anything while it is rebuilt
         raise DamagedFileError(damaged_message(path, "checkpoint", e)) from e
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, hex, read a megabyte at a time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def save_npz(path: str | Path, **arrays: np.ndarray) -> None:
