@@ -73,3 +73,224 @@ def test_iterations_may_grow_in_a_run_directory(tmp_path):
     run.bind(cfg.replace(**{"iterate.iterations": 2}))
     assert run.load_config().iterate.iterations == 2
     assert iteration_folder(run, 2) == run.path / "iterations" / "02"
+
+
+# --- the iterations, at the tiny scale -----------------------------------------------------
+
+from worldmodels import iterate as iterate_module  # noqa: E402
+from worldmodels.controller import ControllerShape, load_controller, save_controller  # noqa: E402
+from worldmodels.data import collect, episode_files, load_episode  # noqa: E402
+from worldmodels.iterate import (  # noqa: E402
+    IterationRun, episode_sigmas, iterate, iteration_summary, latent_folders, noisy_params, score_seeds,
+)
+from worldmodels.runs import BEST_WEIGHTS, DONE_FILE, MANIFEST_FILE, RECORD_FILE, file_sha256, load_tensors  # noqa: E402
+from worldmodels.train import _sequence_datasets, encode  # noqa: E402
+
+# One process, two environments a vector: collection runs as two groups of two episodes.
+CFG = preset("tiny", **{"data.workers": 1, "data.envs_per_worker": 2, "cma.workers": 1})
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """The tiny random dataset (4 episodes of 60 steps), collected once."""
+    run = tmp_path_factory.mktemp("dataset")
+    collect(CFG, run, quiet=True)
+    return run / "data"
+
+
+@pytest.fixture()
+def base_run(fake_run, dataset, tmp_path):
+    """A finished tiny run (random V, M and controller), its random episodes encoded."""
+    run = fake_run(CFG, controller=True)
+    shutil.copytree(dataset, run.data)
+    encode(CFG, run, quiet=True)
+    return run
+
+
+def without_seconds(record):
+    return {k: ({f: v for f, v in e.items() if f != "seconds"} if isinstance(e, dict) else e) for k, e in record.items()}
+
+
+def mtimes(folder):
+    """Modification times of the episodes, latents and weights in `folder`."""
+    return {p.name: p.stat().st_mtime_ns for p in sorted(Path(folder).iterdir()) if p.suffix in (".npz", ".safetensors")}
+
+
+@pytest.fixture()
+def finished(base_run, tmp_path):
+    """A copy of the base run before iterating, and the base run after one uninterrupted iteration."""
+    fresh = RunDir(tmp_path / "fresh")
+    shutil.copytree(base_run.path, fresh.path)
+    records = iterate(CFG, base_run, quiet=True)
+    return base_run, fresh, records
+
+
+def test_one_iteration_writes_its_data_latents_m_controller_and_record(finished):
+    run, _, records = finished
+    folder = iteration_folder(run, 1)
+    assert len(records) == 1 and records[0] == read_json(folder / RECORD_FILE)
+    assert read_json(folder / DONE_FILE)["iteration"] == 1
+    record = records[0]
+
+    # data: 4 episodes on the iteration's tracks, with their noise, driven by the run's controller
+    files = episode_files(folder / "data")
+    assert [f.name for f in files] == [f"episode_{i:06d}.npz" for i in range(4)]
+    manifest = read_json(folder / "data" / MANIFEST_FILE)
+    assert manifest["seeds"] == [10_000_000 + i for i in range(4)]
+    assert [r["sigma"] for r in manifest["per_episode"]] == [0.0, 0.05, 0.1, 0.2]
+    controller = "controller/" + BEST_WEIGHTS["controller"]
+    assert manifest["controller"] == controller
+    assert manifest["controller_sha256"] == record["collect"]["controller_sha256"]
+    episode = load_episode(files[3])
+    assert episode.seed == 10_000_003 and len(episode) == CFG.data.episode_steps
+    assert [r["steps"] for r in manifest["per_episode"]] == [CFG.data.episode_steps] * 4
+    assert record["collect"]["by_sigma"]["0.2"]["episodes"] == 1 and record["collect"]["episodes"] == 4
+
+    # latents: the 4 episodes encoded by the run's V
+    assert sorted(p.name for p in (folder / "latents").glob("episode_*.npz")) == [f.name for f in files]
+    assert record["encode"]["episodes"] == 4
+
+    # M: fine-tuned from the run's M, on the run's latents and the iteration's (3 + 3 train, 1 + 1 test)
+    assert record["mdrnn"]["latents"] == [
+        {"folder": "latents", "train": 3, "test": 1}, {"folder": "iterations/01/latents", "train": 3, "test": 1},
+    ]
+    assert record["mdrnn"]["initial"] == "mdrnn/" + BEST_WEIGHTS["mdrnn"]
+    assert (folder / "mdrnn" / "metrics.csv").exists() and record["mdrnn"]["epochs"] == CFG.iterate.mdrnn_epochs
+    before, after = load_tensors(run.mdrnn / BEST_WEIGHTS["mdrnn"]), load_tensors(folder / "mdrnn" / BEST_WEIGHTS["mdrnn"])
+    assert before.keys() == after.keys() and not all(np.array_equal(before[k], after[k]) for k in before)
+    assert set(record["mdrnn"]["best_test"]) >= {"loss"}
+
+    # C: evolved again in the new M's dream, one generation (iterate.controller_generations)
+    assert record["controller"]["mode"] == "dream" and record["controller"]["generations"] == 1
+    saved = load_controller(folder / "controller" / BEST_WEIGHTS["controller"])
+    dream_best = load_controller(folder / "controller" / "dream_tau1.15_best.safetensors")
+    np.testing.assert_array_equal(saved.params, dream_best.params)
+
+    # score: the new and the starting controller on CMA-ES's validation tracks, never eval's
+    score = record["score"]
+    assert score["seeds"] == [1_500_000, 1_500_001] and score["episodes"] == CFG.iterate.score_episodes
+    assert len(score["new"]["returns"]) == 2 and score["new"]["mean"] == pytest.approx(np.mean(score["new"]["returns"]))
+    assert score["start"]["controller"] == str(controller)
+    assert not set(range(CFG.eval.seed, CFG.eval.seed + CFG.eval.episodes)) & set(score_seeds(CFG).tolist())
+    assert all(record[s]["seconds"] >= 0 for s in iterate_module.STEPS)
+    assert iteration_summary(record).startswith("iteration 1: 4 episodes")
+
+
+def test_episodes_are_driven_by_the_noisy_controller(finished):
+    run, _, _ = finished
+    theta = load_controller(run.controller / BEST_WEIGHTS["controller"]).params
+    assert read_json(iteration_folder(run, 1) / "data" / MANIFEST_FILE)["controller_sha256"] == file_sha256(
+        run.controller / BEST_WEIGHTS["controller"]
+    )
+    seeds = 10_000_000 + np.arange(4)
+    params = noisy_params(theta, seeds, episode_sigmas(CFG))
+    np.testing.assert_array_equal(params[0], theta)  # sigma 0: the controller itself
+    noise = np.random.default_rng(10_000_003).standard_normal(theta.shape)
+    np.testing.assert_allclose(params[3], theta + 0.2 * noise)
+    # the first actions of each episode are its own controller's, driven in the same vectors of two
+    from worldmodels.rollout import Agent, rollout
+
+    agent = Agent.from_run(run, CFG)
+    first = [t for g in (slice(0, 2), slice(2, 4)) for t in rollout(
+        agent, params[g], seeds[g], CFG.env, max_steps=5, trace=True).traces]
+    for i, f in enumerate(episode_files(iteration_folder(run, 1) / "data")):
+        np.testing.assert_array_equal(load_episode(f).action[:5], first[i].actions)
+
+
+def test_m_trains_on_the_union_of_the_runs_latents_and_the_iterations(finished):
+    run, _, _ = finished
+    view = IterationRun(run, 1, CFG)
+    folders = latent_folders(run, 1)
+    assert folders == [run.latents, iteration_folder(run, 1) / "latents"]
+    union, union_test = _sequence_datasets(view.cfg, view, True, folders)
+    parts = [_sequence_datasets(view.cfg, view, True, [f]) for f in folders]
+    assert len(union) == sum(len(train) for train, _ in parts) > len(parts[0][0])
+    assert len(union_test) == sum(len(test) for _, test in parts)
+    assert {p.parent for p in union.files} == set(folders)
+
+
+@pytest.mark.parametrize("step", iterate_module.STEPS)
+def test_a_killed_iteration_resumes_without_redoing_finished_steps(finished, monkeypatch, step):
+    reference, run, _ = finished
+    steps = dict(iterate_module._STEP_FUNCTIONS)
+
+    class Killed(Exception):
+        pass
+
+    def killed_after(it):  # the step's work is done, its record not yet written
+        steps[step](it)
+        raise Killed
+
+    monkeypatch.setitem(iterate_module._STEP_FUNCTIONS, step, killed_after)
+    with pytest.raises(Killed):
+        iterate(CFG, run, quiet=True)
+    folder = iteration_folder(run, 1)
+    before = {s: mtimes(folder / s) for s in ("data", "latents", "mdrnn") if (folder / s).exists()}
+    done = list(iterate_module.STEPS[: iterate_module.STEPS.index(step)])
+    assert [s for s in iterate_module.STEPS if s in read_json(folder / RECORD_FILE)] == done
+    for name in iterate_module.STEPS:
+        if name in done:  # finished steps are never called again
+            monkeypatch.setitem(iterate_module._STEP_FUNCTIONS, name, lambda it, name=name: pytest.fail(f"{name} redone"))
+        else:
+            monkeypatch.setitem(iterate_module._STEP_FUNCTIONS, name, steps[name])
+    if step not in ("collect", "encode"):
+        monkeypatch.setattr(iterate_module, "save_episode", lambda *a: pytest.fail("an episode written again"))
+    records = iterate(CFG, run, quiet=True)
+    for s, times in before.items():
+        assert mtimes(folder / s) == times
+    assert without_seconds(records[0]) == without_seconds(read_json(iteration_folder(reference, 1) / RECORD_FILE))
+
+
+def test_a_collection_killed_midway_keeps_its_episodes_and_gives_the_same_ones(finished, monkeypatch):
+    reference, run, _ = finished
+    written = []
+    real_save = iterate_module.save_episode
+
+    def save_then_die(path, ep):
+        if len(written) == 3:
+            raise KeyboardInterrupt
+        real_save(path, ep)
+        written.append(Path(path).name)
+
+    monkeypatch.setattr(iterate_module, "save_episode", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        iterate(CFG, run, quiet=True)
+    data = iteration_folder(run, 1) / "data"
+    kept = mtimes(data)
+    assert sorted(kept) == written == [f"episode_{i:06d}.npz" for i in range(3)]
+    monkeypatch.setattr(iterate_module, "save_episode", real_save)
+    iterate(CFG, run, quiet=True)
+    assert {k: v for k, v in mtimes(data).items() if k in kept} == kept
+    for name in [f"episode_{i:06d}.npz" for i in range(4)]:
+        a, b = load_episode(data / name), load_episode(iteration_folder(reference, 1) / "data" / name)
+        np.testing.assert_array_equal(a.obs, b.obs)
+        np.testing.assert_array_equal(a.action, b.action)
+
+
+def test_a_finished_run_continues_when_its_iterations_grow_and_refuses_fewer(finished, monkeypatch):
+    run, _, records = finished
+    monkeypatch.setitem(iterate_module._STEP_FUNCTIONS, "collect", lambda it: pytest.fail("iteration 1 redone"))
+    assert iterate(CFG, run, quiet=True) == records  # finished: loads
+    more = CFG.replace(**{"iterate.iterations": 2})
+    monkeypatch.undo()
+    two = iterate(more, run, quiet=True)
+    assert [r["iteration"] for r in two] == [1, 2] and two[0] == records[0]
+    second = read_json(iteration_folder(run, 2) / "data" / MANIFEST_FILE)
+    assert second["seeds"] == [10_100_000 + i for i in range(4)]
+    assert second["controller"] == "iterations/01/controller/" + BEST_WEIGHTS["controller"]
+    assert two[1]["mdrnn"]["initial"] == "iterations/01/mdrnn/" + BEST_WEIGHTS["mdrnn"]
+    assert [f["folder"] for f in two[1]["mdrnn"]["latents"]] == ["latents", "iterations/01/latents", "iterations/02/latents"]
+    with pytest.raises(ConfigError, match=r"iterate.iterations = 1 is below the 2 iterations that .*iterations already holds"):
+        iterate(CFG, run, quiet=True)
+
+
+def test_a_missing_or_misshapen_starting_controller_names_the_file(base_run, tmp_path):
+    best = base_run.controller / BEST_WEIGHTS["controller"]
+    z_shape = ControllerShape.from_config(CFG.replace(**{"controller.kind": "z"}))
+    save_controller(best, np.zeros(z_shape.n_params), z_shape)
+    with pytest.raises(RunDirError, match=rf"{best} holds a controller .*'z'.* but the run's config needs .*'zh'"):
+        iterate(CFG, base_run, quiet=True)
+    best.unlink()
+    with pytest.raises(RunDirError, match=rf"{best}: no trained controller .*python -m worldmodels train-controller"):
+        iterate(CFG, base_run, quiet=True)
+    assert not iteration_folder(base_run, 1).exists()  # nothing started
