@@ -294,3 +294,47 @@ def test_a_missing_or_misshapen_starting_controller_names_the_file(base_run, tmp
     with pytest.raises(RunDirError, match=rf"{best}: no trained controller .*python -m worldmodels train-controller"):
         iterate(CFG, base_run, quiet=True)
     assert not iteration_folder(base_run, 1).exists()  # nothing started
+
+
+# --- the command ------------------------------------------------------------------------------
+
+from worldmodels.cli import main  # noqa: E402
+
+CLI_TINY = ["--scale", "tiny", "--data.workers", "1", "--data.envs-per-worker", "2", "--cma.workers", "1", "--quiet"]
+
+
+def test_iterate_help_lists_the_fields_with_their_meaning(capsys):
+    with pytest.raises(SystemExit):
+        main(["iterate", "--scale", "book", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("iterations", "episodes", "noise", "seed", "mdrnn-epochs", "controller", "controller-generations",
+                 "score-episodes"):
+        assert f"--iterate.{flag}" in out
+    assert "Parameter noise" in out and "(default: 200)" in out
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--iterate.noise", "0", "-0.5"], "--iterate.noise = (0.0, -0.5): -0.5 is out of range: allowed [0, inf)"),
+        (["--iterate.controller", "both"], "--iterate.controller = 'both' is not allowed: choose one of 'dream', 'real'"),
+        (["--iterate.seed", "0"], "--iterate.seed: the iterations' tracks [0, 4) overlap the tracks of --data.seed "
+                                  "[0, 4); move --iterate.seed or --data.seed"),
+    ],
+)
+def test_a_bad_iterate_value_is_one_line_naming_its_flag(flags, expected):
+    with pytest.raises(SystemExit) as exit_:
+        main(["iterate", "--scale", "tiny", "--run-dir", "never-made", *flags])
+    assert exit_.value.code == f"error: {expected}"
+
+
+def test_iterate_command_prints_each_iteration_and_refuses_fewer(finished, capsys):
+    run, _, records = finished
+    main(["iterate", "--run-dir", str(run.path), *CLI_TINY])
+    assert capsys.readouterr().out == iteration_summary(records[0]) + "\n"
+    with pytest.raises(SystemExit) as exit_:
+        main(["iterate", "--run-dir", str(run.path), *CLI_TINY, "--iterate.iterations", "0"])
+    assert exit_.value.code == (
+        f"error: iterate.iterations = 0 is below the 1 iterations that {run.path / 'iterations'} already holds: "
+        "allowed [1, 99]"
+    )
