@@ -284,6 +284,20 @@ def test_a_finished_run_continues_when_its_iterations_grow_and_refuses_fewer(fin
         iterate(CFG, run, quiet=True)
 
 
+def test_the_controller_may_be_evolved_again_in_carracing(fake_run, dataset):
+    cfg = CFG.replace(**{"iterate.controller": "real"})
+    run = fake_run(cfg, controller=True)
+    shutil.copytree(dataset, run.data)
+    record = iterate(cfg, run, quiet=True)[0]
+    controller = iteration_folder(run, 1) / "controller"
+    assert record["controller"]["mode"] == "real" and record["controller"]["generations"] == 1
+    assert read_json(controller / DONE_FILE)["generations"] == 1  # train-controller's files, one generation
+    assert not list(controller.glob("dream_*"))
+    new = load_controller(controller / BEST_WEIGHTS["controller"]).params
+    assert not np.array_equal(new, load_controller(run.controller / BEST_WEIGHTS["controller"]).params)
+    assert (run.latents / DONE_FILE).exists()  # the run's own episodes were encoded for M on the way
+
+
 def test_a_missing_or_misshapen_starting_controller_names_the_file(base_run, tmp_path):
     best = base_run.controller / BEST_WEIGHTS["controller"]
     z_shape = ControllerShape.from_config(CFG.replace(**{"controller.kind": "z"}))

@@ -27,7 +27,19 @@ driving. Iteration ``k`` (``run/iterations/NN``, NN = 01, 02, ...) runs five ste
 Each step, once finished, is written into ``record.json`` with its wall seconds; a
 step that is there is never run again, and an interrupted step resumes as its stage does
 (episodes on disk are kept, M and CMA-ES continue from their checkpoints). ``done.json``
-marks the iteration finished.
+marks the iteration finished. The record (paths relative to the run directory):
+
+==============  ===================================================================================
+``collect``     episodes, steps, episodes that ended early (``terminated``), the controller file
+                and its sha256, per noise level: episodes, mean return, ended early
+``encode``      episodes encoded
+``mdrnn``       the weights it started from, train and test episodes of each latent folder,
+                epochs, steps, best step and its test losses (``best_test``)
+``controller``  mode, file, best CMA-ES score (on the dream's validation dreams for 'dream', on
+                CarRacing's validation tracks for 'real'), its generation, generations run
+``score``       tracks, episodes, max_steps, and for the new controller (``new``) and the one the
+                iteration started from (``start``): mean, std, returns
+==============  ===================================================================================
 
 The stages run unchanged on an :class:`IterationRun`, a view of the run directory in
 which every stage's folder but V's is the iteration's.
