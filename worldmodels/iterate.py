@@ -136,6 +136,7 @@ class IterationRun(RunDir):
         return self.cfg
 
     def bind(self, cfg: Config) -> Config:
+        """Check that `cfg` is the iteration's config (runtime fields aside); never writes."""
         diff = self.cfg.differences(cfg)
         if diff:
             raise RunDirError(f"{self.path}: iteration {self.index} runs with its own config; got {'; '.join(diff)}")
@@ -200,7 +201,7 @@ class DrivingCollector:
 
 
 def driving_collector(vae_state: dict, mdrnn_state: dict | None, cfg: Config, data_dir: str, first: int) -> DrivingCollector:
-    """An executor's ``init``: the agent built once in each worker (see :meth:`Agent.init_args`)."""
+    """An executor's ``init``: the agent built once in each worker (see :meth:`worldmodels.rollout.Agent.init_args`)."""
     agent, env_cfg = rollout_worker(vae_state, mdrnn_state, cfg)
     return DrivingCollector(agent, env_cfg, data_dir, first)
 
