@@ -98,13 +98,32 @@ def dataset(tmp_path_factory):
     return run / "data"
 
 
+@pytest.fixture(scope="module")
+def iterated(module_fake_run, dataset, tmp_path_factory):
+    """A finished tiny run (random V, M and controller, its random episodes encoded) kept as it
+    was before iterating, a copy of it after one uninterrupted iteration, and that iteration's records."""
+    before = module_fake_run(CFG, controller=True)
+    shutil.copytree(dataset, before.data)
+    encode(CFG, before, quiet=True)
+    after = RunDir(tmp_path_factory.mktemp("iterated") / "run")
+    shutil.copytree(before.path, after.path)
+    return before, after, iterate(CFG, after, quiet=True)
+
+
 @pytest.fixture()
-def base_run(fake_run, dataset, tmp_path):
-    """A finished tiny run (random V, M and controller), its random episodes encoded."""
-    run = fake_run(CFG, controller=True)
-    shutil.copytree(dataset, run.data)
-    encode(CFG, run, quiet=True)
+def base_run(iterated, tmp_path):
+    """A copy of the finished tiny run, not yet iterated."""
+    run = RunDir(tmp_path / "base")
+    shutil.copytree(iterated[0].path, run.path)
     return run
+
+
+@pytest.fixture()
+def finished(iterated, base_run, tmp_path):
+    """A copy of the run after one uninterrupted iteration, a copy of the run before it, the records."""
+    run = RunDir(tmp_path / "iterated")
+    shutil.copytree(iterated[1].path, run.path)
+    return run, base_run, iterated[2]
 
 
 def without_seconds(record):
@@ -114,15 +133,6 @@ def without_seconds(record):
 def mtimes(folder):
     """Modification times of the episodes, latents and weights in `folder`."""
     return {p.name: p.stat().st_mtime_ns for p in sorted(Path(folder).iterdir()) if p.suffix in (".npz", ".safetensors")}
-
-
-@pytest.fixture()
-def finished(base_run, tmp_path):
-    """A copy of the base run before iterating, and the base run after one uninterrupted iteration."""
-    fresh = RunDir(tmp_path / "fresh")
-    shutil.copytree(base_run.path, fresh.path)
-    records = iterate(CFG, base_run, quiet=True)
-    return base_run, fresh, records
 
 
 def test_one_iteration_writes_its_data_latents_m_controller_and_record(finished):
