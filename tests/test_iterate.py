@@ -320,6 +320,14 @@ def test_a_missing_or_misshapen_starting_controller_names_the_file(base_run, tmp
     assert not iteration_folder(base_run, 1).exists()  # nothing started
 
 
+def test_a_run_without_its_episodes_fails_before_collecting(base_run):
+    shutil.rmtree(base_run.latents)
+    shutil.rmtree(base_run.data)
+    with pytest.raises(FileNotFoundError, match=rf"{base_run.data} has 0 of 4 episodes .*python -m worldmodels collect"):
+        iterate(CFG, base_run, quiet=True)
+    assert not iteration_folder(base_run, 1).exists()
+
+
 # --- the command ------------------------------------------------------------------------------
 
 from worldmodels.cli import main  # noqa: E402

@@ -292,7 +292,6 @@ def latent_folders(run: RunDir, index: int) -> list[Path]:
 
 def _mdrnn(it: _Iteration) -> dict[str, Any]:
     cfg, view = it.cfg, it.view
-    encode(cfg, it.run, quiet=it.quiet)  # the run's own latents (loads them when finished)
     folders = latent_folders(it.run, it.index)
     initial = previous_run(cfg, it.run, it.index).mdrnn / BEST_WEIGHTS["mdrnn"]
     train_mdrnn(view.cfg, view, quiet=it.quiet, latent_folders=folders, initial=initial)
@@ -360,7 +359,8 @@ _STEP_FUNCTIONS: dict[str, Callable[[_Iteration], dict[str, Any]]] = {
 def run_iteration(cfg: Config, run: str | Path | RunDir, index: int, *, quiet: bool = False) -> dict[str, Any]:
     """Run (or resume, or load when finished) iteration `index` of `run`; its record.
 
-    The steps already in ``record.json`` are skipped; each step finished is added to it with
+    The run's own episodes are encoded first when they are not (M trains on them too). The
+    steps already in ``record.json`` are skipped; each step finished is added to it with
     its wall seconds (of the call that finished it); ``done.json`` is written last.
     """
     run = as_run_dir(run)
@@ -368,6 +368,7 @@ def run_iteration(cfg: Config, run: str | Path | RunDir, index: int, *, quiet: b
     if (folder / DONE_FILE).exists():
         return read_json(folder / RECORD_FILE)
     it = _Iteration(cfg, run, IterationRun(run, index, cfg), index, quiet)
+    encode(cfg, run, quiet=quiet)  # M's data includes the run's own episodes: missing ones fail before any work
     if not (folder / RECORD_FILE).exists():
         write_json(folder / RECORD_FILE, {"iteration": index})
     record = read_json(folder / RECORD_FILE)
