@@ -277,6 +277,27 @@ def test_a_collection_killed_midway_keeps_its_episodes_and_gives_the_same_ones(f
         np.testing.assert_array_equal(a.action, b.action)
 
 
+def test_m_killed_midway_resumes_from_its_checkpoint_and_ends_as_uninterrupted(finished, monkeypatch):
+    reference, run, _ = finished
+    real_train = iterate_module.train_mdrnn
+
+    def stopped_after_three_steps(*args, **kwargs):
+        real_train(*args, **kwargs, max_steps=3)  # a checkpoint at step 3, as a kill after it leaves
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(iterate_module, "train_mdrnn", stopped_after_three_steps)
+    with pytest.raises(KeyboardInterrupt):
+        iterate(CFG, run, quiet=True)
+    mdrnn = iteration_folder(run, 1) / "mdrnn"
+    assert not (mdrnn / DONE_FILE).exists() and (mdrnn / "last.safetensors").exists()
+    monkeypatch.setattr(iterate_module, "train_mdrnn", real_train)
+    record = iterate(CFG, run, quiet=True)[0]
+    assert without_seconds(record) == without_seconds(read_json(iteration_folder(reference, 1) / RECORD_FILE))
+    expected = load_tensors(iteration_folder(reference, 1) / "mdrnn" / BEST_WEIGHTS["mdrnn"])
+    resumed = load_tensors(mdrnn / BEST_WEIGHTS["mdrnn"])
+    assert all(np.array_equal(expected[k], resumed[k]) for k in expected)
+
+
 def test_a_finished_run_continues_when_its_iterations_grow_and_refuses_fewer(finished, monkeypatch):
     run, _, records = finished
     monkeypatch.setitem(iterate_module._STEP_FUNCTIONS, "collect", lambda it: pytest.fail("iteration 1 redone"))
