@@ -9,8 +9,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from worldmodels import iterate as iterate_module
+from worldmodels.cli import main
 from worldmodels.config import ITERATION_SEED_STRIDE, Config, ConfigError, preset
-from worldmodels.runs import CONFIG_FILE, RunDir, RunDirError, iteration_folder, read_json
+from worldmodels.controller import ControllerShape, load_controller, save_controller
+from worldmodels.data import collect, episode_files, load_episode
+from worldmodels.iterate import (
+    IterationRun, episode_sigmas, iterate, iteration_summary, latent_folders, noisy_params, score_seeds,
+)
+from worldmodels.rollout import Agent, rollout
+from worldmodels.runs import (
+    BEST_WEIGHTS, CONFIG_FILE, DONE_FILE, MANIFEST_FILE, RECORD_FILE, RunDir, RunDirError, file_sha256,
+    iteration_folder, load_tensors, read_json,
+)
+from worldmodels.train import _sequence_datasets, encode
+
+# One process, two environments a vector: collection runs as two groups of two episodes.
+CFG = preset("tiny", **{"data.workers": 1, "data.envs_per_worker": 2, "cma.workers": 1})
 
 PRETRAINED_CONFIG = Path(__file__).resolve().parents[1] / "worldmodels" / "pretrained" / "book" / CONFIG_FILE
 
@@ -77,18 +92,6 @@ def test_iterations_may_grow_in_a_run_directory(tmp_path):
 
 # --- the iterations, at the tiny scale -----------------------------------------------------
 
-from worldmodels import iterate as iterate_module  # noqa: E402
-from worldmodels.controller import ControllerShape, load_controller, save_controller  # noqa: E402
-from worldmodels.data import collect, episode_files, load_episode  # noqa: E402
-from worldmodels.iterate import (  # noqa: E402
-    IterationRun, episode_sigmas, iterate, iteration_summary, latent_folders, noisy_params, score_seeds,
-)
-from worldmodels.runs import BEST_WEIGHTS, DONE_FILE, MANIFEST_FILE, RECORD_FILE, file_sha256, load_tensors  # noqa: E402
-from worldmodels.train import _sequence_datasets, encode  # noqa: E402
-
-# One process, two environments a vector: collection runs as two groups of two episodes.
-CFG = preset("tiny", **{"data.workers": 1, "data.envs_per_worker": 2, "cma.workers": 1})
-
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
@@ -127,12 +130,13 @@ def finished(iterated, base_run, tmp_path):
 
 
 def without_seconds(record):
-    return {k: ({f: v for f, v in e.items() if f != "seconds"} if isinstance(e, dict) else e) for k, e in record.items()}
+    return {k: {f: v for f, v in e.items() if f != "seconds"} if isinstance(e, dict) else e for k, e in record.items()}
 
 
 def mtimes(folder):
     """Modification times of the episodes, latents and weights in `folder`."""
-    return {p.name: p.stat().st_mtime_ns for p in sorted(Path(folder).iterdir()) if p.suffix in (".npz", ".safetensors")}
+    files = sorted(Path(folder).iterdir())
+    return {p.name: p.stat().st_mtime_ns for p in files if p.suffix in (".npz", ".safetensors")}
 
 
 def test_one_iteration_writes_its_data_latents_m_controller_and_record(finished):
@@ -166,7 +170,8 @@ def test_one_iteration_writes_its_data_latents_m_controller_and_record(finished)
     ]
     assert record["mdrnn"]["initial"] == "mdrnn/" + BEST_WEIGHTS["mdrnn"]
     assert (folder / "mdrnn" / "metrics.csv").exists() and record["mdrnn"]["epochs"] == CFG.iterate.mdrnn_epochs
-    before, after = load_tensors(run.mdrnn / BEST_WEIGHTS["mdrnn"]), load_tensors(folder / "mdrnn" / BEST_WEIGHTS["mdrnn"])
+    before = load_tensors(run.mdrnn / BEST_WEIGHTS["mdrnn"])
+    after = load_tensors(folder / "mdrnn" / BEST_WEIGHTS["mdrnn"])
     assert before.keys() == after.keys() and not all(np.array_equal(before[k], after[k]) for k in before)
     assert set(record["mdrnn"]["best_test"]) >= {"loss"}
 
@@ -198,8 +203,6 @@ def test_episodes_are_driven_by_the_noisy_controller(finished):
     noise = np.random.default_rng(10_000_003).standard_normal(theta.shape)
     np.testing.assert_allclose(params[3], theta + 0.2 * noise)
     # the first actions of each episode are its own controller's, driven in the same vectors of two
-    from worldmodels.rollout import Agent, rollout
-
     agent = Agent.from_run(run, CFG)
     first = [t for g in (slice(0, 2), slice(2, 4)) for t in rollout(
         agent, params[g], seeds[g], CFG.env, max_steps=5, trace=True).traces]
@@ -240,7 +243,8 @@ def test_a_killed_iteration_resumes_without_redoing_finished_steps(finished, mon
     assert [s for s in iterate_module.STEPS if s in read_json(folder / RECORD_FILE)] == done
     for name in iterate_module.STEPS:
         if name in done:  # finished steps are never called again
-            monkeypatch.setitem(iterate_module._STEP_FUNCTIONS, name, lambda it, name=name: pytest.fail(f"{name} redone"))
+            redone = lambda it, name=name: pytest.fail(f"{name} redone")  # noqa: E731
+            monkeypatch.setitem(iterate_module._STEP_FUNCTIONS, name, redone)
         else:
             monkeypatch.setitem(iterate_module._STEP_FUNCTIONS, name, steps[name])
     if step not in ("collect", "encode"):
@@ -310,8 +314,9 @@ def test_a_finished_run_continues_when_its_iterations_grow_and_refuses_fewer(fin
     assert second["seeds"] == [10_100_000 + i for i in range(4)]
     assert second["controller"] == "iterations/01/controller/" + BEST_WEIGHTS["controller"]
     assert two[1]["mdrnn"]["initial"] == "iterations/01/mdrnn/" + BEST_WEIGHTS["mdrnn"]
-    assert [f["folder"] for f in two[1]["mdrnn"]["latents"]] == ["latents", "iterations/01/latents", "iterations/02/latents"]
-    with pytest.raises(ConfigError, match=r"iterate.iterations = 1 is below the 2 iterations that .*iterations already holds"):
+    folders = [f["folder"] for f in two[1]["mdrnn"]["latents"]]
+    assert folders == ["latents", "iterations/01/latents", "iterations/02/latents"]
+    with pytest.raises(ConfigError, match=r"iterate.iterations = 1 is below the 2 iterations that .*already"):
         iterate(CFG, run, quiet=True)
 
 
@@ -344,14 +349,12 @@ def test_a_missing_or_misshapen_starting_controller_names_the_file(base_run, tmp
 def test_a_run_without_its_episodes_fails_before_collecting(base_run):
     shutil.rmtree(base_run.latents)
     shutil.rmtree(base_run.data)
-    with pytest.raises(FileNotFoundError, match=rf"{base_run.data} has 0 of 4 episodes .*python -m worldmodels collect"):
+    with pytest.raises(FileNotFoundError, match=rf"{base_run.data} has 0 of 4 episodes .*worldmodels collect"):
         iterate(CFG, base_run, quiet=True)
     assert not iteration_folder(base_run, 1).exists()
 
 
 # --- the command ------------------------------------------------------------------------------
-
-from worldmodels.cli import main  # noqa: E402
 
 CLI_TINY = ["--scale", "tiny", "--data.workers", "1", "--data.envs-per-worker", "2", "--cma.workers", "1", "--quiet"]
 
@@ -370,7 +373,8 @@ def test_iterate_help_lists_the_fields_with_their_meaning(capsys):
     "flags, expected",
     [
         (["--iterate.noise", "0", "-0.5"], "--iterate.noise = (0.0, -0.5): -0.5 is out of range: allowed [0, inf)"),
-        (["--iterate.controller", "both"], "--iterate.controller = 'both' is not allowed: choose one of 'dream', 'real'"),
+        (["--iterate.controller", "both"],
+         "--iterate.controller = 'both' is not allowed: choose one of 'dream', 'real'"),
         (["--iterate.seed", "0"], "--iterate.seed: the iterations' tracks [0, 4) overlap the tracks of --data.seed "
                                   "[0, 4); move --iterate.seed or --data.seed"),
     ],

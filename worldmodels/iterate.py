@@ -181,7 +181,8 @@ def start_controller(cfg: Config, run: RunDir, index: int) -> tuple[Path, np.nda
 def noisy_params(theta: np.ndarray, seeds: np.ndarray, sigmas: np.ndarray) -> np.ndarray:
     """(n, P): row i is ``theta + sigmas[i] * N(0, I)``, the noise drawn from ``default_rng(seeds[i])``."""
     theta = np.asarray(theta, np.float64)
-    return np.stack([theta + s * np.random.default_rng(int(seed)).standard_normal(theta.shape) for seed, s in zip(seeds, sigmas)])
+    rows = [theta + s * np.random.default_rng(int(seed)).standard_normal(theta.shape) for seed, s in zip(seeds, sigmas)]
+    return np.stack(rows)
 
 
 def episode_sigmas(cfg: Config) -> np.ndarray:
@@ -200,7 +201,9 @@ class DrivingCollector:
     first_seed: int
 
 
-def driving_collector(vae_state: dict, mdrnn_state: dict | None, cfg: Config, data_dir: str, first: int) -> DrivingCollector:
+def driving_collector(
+    vae_state: dict, mdrnn_state: dict | None, cfg: Config, data_dir: str, first: int
+) -> DrivingCollector:
     """An executor's ``init``: the agent built once in each worker (see :meth:`worldmodels.rollout.Agent.init_args`)."""
     agent, env_cfg = rollout_worker(vae_state, mdrnn_state, cfg)
     return DrivingCollector(agent, env_cfg, data_dir, first)
@@ -301,8 +304,8 @@ def _mdrnn(it: _Iteration) -> dict[str, Any]:
         train, test = split_episodes(encoded_files(folder), cfg.data.test_fraction, cfg.train_seed)
         split.append({"folder": str(folder.relative_to(it.run.path)), "train": len(train), "test": len(test)})
     return {
-        "initial": str(initial.relative_to(it.run.path)), "latents": split, "epochs": done["epochs"], "steps": done["steps"],
-        "best_step": done["best_step"], "best_test": done["best_test"],
+        "initial": str(initial.relative_to(it.run.path)), "latents": split, "epochs": done["epochs"],
+        "steps": done["steps"], "best_step": done["best_step"], "best_test": done["best_test"],
     }
 
 
@@ -333,11 +336,14 @@ def score_seeds(cfg: Config) -> np.ndarray:
 def _score(it: _Iteration) -> dict[str, Any]:
     cfg, seeds = it.cfg, score_seeds(it.cfg)
     start_path, start_params = start_controller(cfg, it.run, it.index)
+    new_params = load_controller(it.view.controller / BEST_WEIGHTS["controller"]).params
     scored = {
-        "new": (Agent.from_run(it.view, it.view.cfg), load_controller(it.view.controller / BEST_WEIGHTS["controller"]).params),
+        "new": (Agent.from_run(it.view, it.view.cfg), new_params),
         "start": (Agent.from_run(previous_run(cfg, it.run, it.index), cfg), start_params),
     }
-    out: dict[str, Any] = {"seeds": [int(seeds[0]), int(seeds[-1])], "episodes": len(seeds), "max_steps": cfg.eval.max_steps}
+    out: dict[str, Any] = {
+        "seeds": [int(seeds[0]), int(seeds[-1])], "episodes": len(seeds), "max_steps": cfg.eval.max_steps,
+    }
     for name, (agent, params) in scored.items():
         result = evaluate(
             agent, params, seeds, cfg.env, envs_per_batch=cfg.cma.envs_per_worker, max_steps=cfg.eval.max_steps,

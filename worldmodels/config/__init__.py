@@ -40,7 +40,7 @@ from worldmodels.config.sections import (
 )
 
 __all__ = [
-    "CARRACING_MAX_STEPS", "CMA_VALIDATION_OFFSET", "ITERATION_SEED_STRIDE", "SCALES", "CMAConfig", "Config", "ConfigError",
-    "ControllerConfig", "DataConfig", "DreamConfig", "EnvConfig", "EvalConfig", "IterateConfig", "MDRNNConfig", "Scale",
-    "VAEConfig", "book", "paper", "preset", "resolve_device", "tiny", "unchecked",
+    "CARRACING_MAX_STEPS", "CMA_VALIDATION_OFFSET", "ITERATION_SEED_STRIDE", "SCALES", "CMAConfig", "Config",
+    "ConfigError", "ControllerConfig", "DataConfig", "DreamConfig", "EnvConfig", "EvalConfig", "IterateConfig",
+    "MDRNNConfig", "Scale", "VAEConfig", "book", "paper", "preset", "resolve_device", "tiny", "unchecked",
 ]

@@ -291,20 +291,23 @@ class EvalConfig(_Section):
 
 @dataclass
 class IterateConfig(_Section):
-    """The iterative training procedure: collect with the current controller, retrain M on all the data, evolve C again."""
+    """The iterative training procedure: collect with the current controller, retrain M on all
+    the data, evolve C again."""
 
     iterations: int = _bounded(0, 0, 99, extendable=True)
     """Iterations to run after the first controller (0: none; a finished run continues when this grows)."""
     episodes: int = _bounded(1000, 1, ITERATION_SEED_STRIDE)
     """Episodes collected with the current controller in each iteration."""
     noise: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2)
-    """Parameter noise: episode i drives theta + noise[i % len(noise)] * N(0, I) (the large ones spin out and leave the field)."""
+    """Parameter noise: episode i drives theta + noise[i % len(noise)] * N(0, I) (the large ones
+    spin out and leave the road)."""
     seed: int = _bounded(10_000_000, 0, 2**31 - 1)
     """Iteration k's episode i is driven on the track of seed + 100,000 * (k - 1) + i (and its noise drawn from it)."""
     mdrnn_epochs: int = _bounded(0, 0)
     """Epochs of fine-tuning M on all the data so far, from the previous iteration's M (0: mdrnn.epochs)."""
     controller: str = "dream"
-    """How C is evolved again: 'dream' (in the new M's dream, as the dream command) or 'real' (CarRacing, as train-controller)."""
+    """How C is evolved again: 'dream' (in the new M's dream, as the dream command) or 'real'
+    (in CarRacing, as train-controller)."""
     controller_generations: int = _bounded(0, 0)
     """Generations of that evolution (0: dream.generations or cma.generations, as the command would run)."""
     score_episodes: int = _bounded(16, 1, 100_000)
