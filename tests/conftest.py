@@ -49,3 +49,14 @@ def fake_run(tmp_path: Path) -> Callable[..., RunDir]:
         return _write_fake_run(tmp_path / "run" if path is None else Path(path), cfg, **kwargs)
 
     return make
+
+
+@pytest.fixture(scope="module")
+def module_fake_run(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., RunDir]:
+    """:func:`fake_run` for module-scoped fixtures: ``module_fake_run(cfg, **kwargs)`` makes a new
+    run in a fresh temporary folder each call."""
+
+    def make(cfg: Config, **kwargs) -> RunDir:
+        return _write_fake_run(tmp_path_factory.mktemp("run"), cfg, **kwargs)
+
+    return make

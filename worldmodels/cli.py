@@ -275,6 +275,22 @@ def _print_correlation(args: Dream) -> None:
 
 
 @dataclasses.dataclass
+class Iterate(Common):
+    """Iterative training: collect with the current controller (with parameter noise), fine-tune M on
+    all the data, evolve C again, score it; --iterate.iterations times, in RUN_DIR/iterations/NN (resumes)."""
+
+
+def run_iterate(args: Iterate) -> None:
+    from worldmodels.iterate import iterate, iteration_summary
+
+    records = iterate(args.config, args.run_dir, quiet=args.quiet)
+    for record in records:
+        print(iteration_summary(record))
+    if not records:
+        print("iterate.iterations is 0: no iterations to run (set --iterate.iterations N)")
+
+
+@dataclasses.dataclass
 class Ablations(Common):
     """The paper's ablations of the run in RUN_DIR at its CMA-ES budget (V only, V only with a
     hidden layer, an untrained M), each in RUN_DIR/ablations/NAME, evaluated like the run; prints the table."""
@@ -353,6 +369,7 @@ COMMANDS: dict[str, tuple[type[Common], Callable]] = {
     "train-mdrnn": (TrainMDRNN, run_train_mdrnn),
     "train-controller": (TrainController, run_train_controller),
     "dream": (Dream, run_dream),
+    "iterate": (Iterate, run_iterate),
     "evaluate": (Evaluate, run_evaluate),
     "record": (Record, run_record),
     "ablations": (Ablations, run_ablations),

@@ -294,7 +294,7 @@ def collect_task(collector: Collector, task: Task) -> list[int]:
     return indices
 
 
-def _record_from_file(path: Path) -> dict:
+def episode_record(path: Path) -> dict:
     """The manifest's record of an episode, reading only its small arrays (not the frames)."""
     with open_npz(path, "episode file", EpisodeError) as f:
         reward, terminated, seed = f["reward"], f["terminated"], int(f["seed"])
@@ -359,7 +359,7 @@ def write_manifest(cfg: Config, run: RunDir) -> dict:
     records = []
     for path in episode_files(run.data):
         try:
-            records.append(_record_from_file(path))
+            records.append(episode_record(path))
         except EpisodeError:
             if not cfg.data.skip_corrupt:
                 raise

@@ -8,6 +8,7 @@ leaves a half-written file behind.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -44,6 +45,15 @@ DREAM_STARTS = "dream_starts.npz"  # controller/: the dreams' start latents, for
 RESULTS_FILE = "results.json"  # eval/: the evaluation on the unseen tracks
 DREAM_RESULTS_FILE = "dream_results.json"  # eval/: the dream-trained controller's evaluation on them
 ABLATIONS_FOLDER = "ablations"  # one run directory per ablation: ablations/NAME/
+ITERATIONS_FOLDER = "iterations"  # one folder per iteration: iterations/01/, iterations/02/, ...
+RECORD_FILE = "record.json"  # iterations/NN/: the iteration's record, step by step
+
+
+def iteration_folder(run: str | Path | RunDir, index: int) -> Path:
+    """``run/iterations/NN``: the folder of iteration `index` (1, 2, ...)."""
+    if index < 1:
+        raise ValueError(f"iterations are numbered from 1, got {index}")
+    return as_run_dir(run).path / ITERATIONS_FOLDER / f"{index:02d}"
 
 
 class RunDirError(RuntimeError):
@@ -140,6 +150,15 @@ def read_pickle(path: str | Path) -> Any:
         raise DamagedFileError(damaged_message(path, "checkpoint", e)) from e
 
 
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, hex, read a megabyte at a time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def save_npz(path: str | Path, **arrays: np.ndarray) -> None:
     """Compressed .npz written atomically."""
     with atomic_path(path) as tmp:
@@ -225,7 +244,9 @@ class RunDir:
 
         Fields that only change speed (workers, device, ...) may differ. An extendable
         field (``cma.generations``) may grow: the run continues for longer and the new
-        value is recorded. Any other difference raises :class:`RunDirError` listing the
+        value is recorded. A section that the recorded config predates (``iterate`` in a
+        run made before it existed) is taken from `cfg` and recorded: the run never used
+        it, so no results are mixed. Any other difference raises :class:`RunDirError` listing the
         fields, so that results of two configs are never mixed in one directory.
         """
         self.path.mkdir(parents=True, exist_ok=True)
@@ -233,8 +254,11 @@ class RunDir:
         if recorded is None:
             write_json(self.config_path, cfg.to_dict())
             return cfg
+        written = read_json(self.config_path)
+        new_sections = {k: v for k, v in cfg.to_dict().items() if isinstance(v, dict) and k not in written}
+        recorded = recorded.replace(**new_sections) if new_sections else recorded
         diff = recorded.differences(cfg, allow_extensions=True)
-        if not diff and recorded.extensions(cfg):
+        if not diff and (recorded.extensions(cfg) or new_sections):
             write_json(self.config_path, recorded.replace(**recorded.extensions(cfg)).to_dict())
         if diff:
             raise RunDirError(
@@ -262,7 +286,7 @@ def _recorded_config(run: RunDir) -> Config:
 def _load_model(run: str | Path | RunDir, stage: str, which: str, device: Any, build: Any) -> Any:
     run = as_run_dir(run)
     cfg, device = _recorded_config(run), resolve_device(device)
-    path = run.path / stage / {"best": BEST_WEIGHTS[stage], "last": LAST_WEIGHTS}[which]
+    path = run.stage(stage) / {"best": BEST_WEIGHTS[stage], "last": LAST_WEIGHTS}[which]
     if not path.exists():
         command = {"vae": "train-vae", "mdrnn": "train-mdrnn"}[stage]
         raise FileNotFoundError(

@@ -48,13 +48,14 @@ from worldmodels.runs import (
     as_run_dir,
     load_mdrnn,
     load_vae,
+    load_weights,
     read_json,
     save_tensors,
     write_json,
 )
 from worldmodels.vae import VAE, VAELoss, frames_to_tensor, vae_loss
 
-__all__ = ["TrainingError", "encode", "stage_summary", "train_mdrnn", "train_vae"]
+__all__ = ["TrainingError", "encode", "encoded_files", "stage_summary", "train_mdrnn", "train_vae"]
 
 LATENT_CACHE_BYTES = 512 * 2**20
 """Memory for decoded latent episodes kept by M's loader (per split)."""
@@ -79,12 +80,12 @@ def _seed_everything(seed: int) -> None:
 
 
 def _episodes(cfg: Config, run: RunDir) -> list[Path]:
-    """The config's episode files, all of which must exist."""
-    files = [episode_path(run.path / "data", i) for i in range(cfg.data.episodes)]
+    """The config's episode files in ``run.data``, all of which must exist."""
+    files = [episode_path(run.data, i) for i in range(cfg.data.episodes)]
     missing = [f for f in files if not f.exists()]
     if missing:
         raise FileNotFoundError(
-            f"{run.path / 'data'} has {len(files) - len(missing)} of {cfg.data.episodes} episodes "
+            f"{run.data} has {len(files) - len(missing)} of {cfg.data.episodes} episodes "
             f"(first missing: {missing[0].name}); run collect first (python -m worldmodels collect --run-dir {run.path})"
         )
     return files
@@ -292,15 +293,32 @@ def _mdrnn_losses(model: MDRNN, batch: dict[str, Tensor], generator: torch.Gener
     return mdrnn_loss(out, z[:, 1:], batch["reward"], batch["done"], mask=batch["mask"])
 
 
-def _sequence_datasets(cfg: Config, run: RunDir, quiet: bool) -> tuple[SequenceDataset, SequenceDataset | None]:
-    """M's training and test sequences (the same episodes as V's split), encoding first if needed."""
-    train_files, test_files = split_episodes(encode(cfg, run, quiet=quiet), cfg.data.test_fraction, cfg.train_seed)
+def _sequence_datasets(
+    cfg: Config, run: RunDir, quiet: bool, latent_folders: Sequence[Path] | None = None
+) -> tuple[SequenceDataset, SequenceDataset | None]:
+    """M's training and test sequences: the run's episodes (encoded first if needed), split as
+    V's; or, with `latent_folders`, the encoded episodes of every folder, each split the same way."""
+    if latent_folders is None:
+        train_files, test_files = split_episodes(encode(cfg, run, quiet=quiet), cfg.data.test_fraction, cfg.train_seed)
+    else:
+        train_files, test_files = [], []
+        for folder in latent_folders:
+            train, test = split_episodes(encoded_files(folder), cfg.data.test_fraction, cfg.train_seed)
+            train_files, test_files = train_files + train, test_files + test
     episode_bytes = (cfg.data.episode_steps + 1) * cfg.vae.z_size * 8 + cfg.data.episode_steps * 17
     cache = max(1, LATENT_CACHE_BYTES // episode_bytes)  # whole book-scale datasets fit; paper-scale ones stream
     seq = dict(cache_episodes=cache, skip_corrupt=cfg.data.skip_corrupt)
     train_ds = SequenceDataset(train_files, cfg.mdrnn.seq_len, "latent", **seq)
     test_ds = SequenceDataset(test_files, cfg.mdrnn.seq_len, "latent", **seq) if test_files else None
     return train_ds, test_ds
+
+
+def encoded_files(latent_folder: str | Path) -> list[Path]:
+    """The latent files of a finished encoding (its ``done.json`` present), sorted."""
+    folder = Path(latent_folder)
+    if not (folder / DONE_FILE).exists():
+        raise FileNotFoundError(f"{folder / DONE_FILE}: these episodes are not encoded yet; run encode first")
+    return sorted(folder.glob("episode_*.npz"))
 
 
 def _sequence_batches(ds: SequenceDataset, order: Sequence[int], batch_size: int) -> Iterator[dict[str, Tensor]]:
@@ -316,6 +334,8 @@ def train_mdrnn(
     max_steps: int | None = None,
     checkpoint_seconds: float = CHECKPOINT_SECONDS,
     log_every: int = LOG_EVERY,
+    latent_folders: Sequence[str | Path] | None = None,
+    initial: str | Path | None = None,
 ) -> MDRNN:
     """Train M on the encoded episodes (``run/latents``, encoded first if needed) and return it.
 
@@ -329,7 +349,12 @@ def train_mdrnn(
     ``cfg.mdrnn.grad_clip``, no learning-rate schedule. The held-out episodes are the same
     as V's; the best weights by test loss are kept in ``run/mdrnn/mdrnn.safetensors``.
 
-    Arguments, return value and errors as for :func:`train_vae`.
+    `latent_folders`: train on the encoded episodes of these folders instead (each
+    finished by :func:`encode`, each split into train and test episodes by the same rule),
+    as the iterations do with the run's latents and their own. `initial`: M's weights
+    to start from (fine-tuning) instead of the random initialisation.
+
+    Other arguments, return value and errors as for :func:`train_vae`.
     """
     run = as_run_dir(run)
     cfg = run.bind(cfg)
@@ -338,18 +363,24 @@ def train_mdrnn(
         return load_mdrnn(run, device)
     if cfg.mdrnn.untrained:
         return _untrained_mdrnn(cfg, run, device)
-    stage = _mdrnn_stage(cfg, run, device, quiet)
+    folders = None if latent_folders is None else [Path(f) for f in latent_folders]
+    stage = _mdrnn_stage(cfg, run, device, quiet, folders, None if initial is None else Path(initial))
     if fit(stage, quiet=quiet, max_steps=max_steps, checkpoint_seconds=checkpoint_seconds, log_every=log_every):
         return load_mdrnn(run, device)
     return stage.model.eval()
 
 
-def _mdrnn_stage(cfg: Config, run: RunDir, device: torch.device, quiet: bool) -> Stage:
-    """What M brings to the fit loop: latent sequences, a fresh M with Adam, its masked loss and test losses."""
+def _mdrnn_stage(cfg: Config, run: RunDir, device: torch.device, quiet: bool,
+                 latent_folders: list[Path] | None = None, initial: Path | None = None) -> Stage:
+    """What M brings to the fit loop: latent sequences, a fresh M (or M's `initial` weights) with
+    Adam, its masked loss and test losses."""
     m = cfg.mdrnn
-    train_ds, test_ds = _sequence_datasets(cfg, run, quiet)
+    train_ds, test_ds = _sequence_datasets(cfg, run, quiet, latent_folders)
     _seed_everything(cfg.train_seed)
-    model = MDRNN.from_config(cfg).to(device)
+    model = MDRNN.from_config(cfg)
+    if initial is not None:
+        load_weights(model, initial)
+    model = model.to(device)
 
     def losses(batch: dict[str, Tensor], stream: int, i: int) -> MDRNNLoss:
         return _mdrnn_losses(model, batch, _generator(device, cfg.train_seed, stream, i))

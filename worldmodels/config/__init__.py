@@ -22,6 +22,7 @@ from worldmodels.config.presets import book, paper, preset, tiny
 from worldmodels.config.sections import (
     CARRACING_MAX_STEPS,
     CMA_VALIDATION_OFFSET,
+    ITERATION_SEED_STRIDE,
     SCALES,
     CMAConfig,
     ConfigError,
@@ -30,6 +31,7 @@ from worldmodels.config.sections import (
     DreamConfig,
     EnvConfig,
     EvalConfig,
+    IterateConfig,
     MDRNNConfig,
     Scale,
     VAEConfig,
@@ -38,7 +40,7 @@ from worldmodels.config.sections import (
 )
 
 __all__ = [
-    "CARRACING_MAX_STEPS", "CMA_VALIDATION_OFFSET", "SCALES", "CMAConfig", "Config", "ConfigError",
-    "ControllerConfig", "DataConfig", "DreamConfig", "EnvConfig", "EvalConfig", "MDRNNConfig", "Scale",
-    "VAEConfig", "book", "paper", "preset", "resolve_device", "tiny", "unchecked",
+    "CARRACING_MAX_STEPS", "CMA_VALIDATION_OFFSET", "ITERATION_SEED_STRIDE", "SCALES", "CMAConfig", "Config",
+    "ConfigError", "ControllerConfig", "DataConfig", "DreamConfig", "EnvConfig", "EvalConfig", "IterateConfig",
+    "MDRNNConfig", "Scale", "VAEConfig", "book", "paper", "preset", "resolve_device", "tiny", "unchecked",
 ]

@@ -14,6 +14,7 @@ import tyro
 from worldmodels.config.sections import (
     _CHECKING,
     CMA_VALIDATION_OFFSET,
+    ITERATION_SEED_STRIDE,
     SCALES,
     CMAConfig,
     ConfigError,
@@ -22,6 +23,7 @@ from worldmodels.config.sections import (
     DreamConfig,
     EnvConfig,
     EvalConfig,
+    IterateConfig,
     MDRNNConfig,
     VAEConfig,
     _bounded,
@@ -48,6 +50,7 @@ class Config(_Section):
     cma: CMAConfig = field(default_factory=CMAConfig)
     dream: DreamConfig = field(default_factory=DreamConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    iterate: IterateConfig = field(default_factory=IterateConfig)
 
     _choices = {"scale": SCALES}
 
@@ -61,6 +64,7 @@ class Config(_Section):
                 f"{self.data.episode_steps}: allowed [1, {self.data.episode_steps - 1}]"
             )
         self._check_eval_seeds_unseen()
+        self._check_iterate_seeds_unused()
         if not (self.device in ("auto", "cpu", "mps") or self.device.startswith("cuda")):
             raise ConfigError(f"device = {self.device!r} is not allowed: 'auto', 'cpu', 'mps' or 'cuda[:N]'")
 
@@ -69,16 +73,40 @@ class Config(_Section):
         eval_range = (self.eval.seed, self.eval.seed + self.eval.episodes)
         used = {
             "data.seed": (self.data.seed, self.data.seed + self.data.episodes),
-            "cma.seed": (
-                self.cma.seed,
-                self.cma.seed + CMA_VALIDATION_OFFSET + self.cma.eval_episodes + self.cma.select_episodes,
-            ),
+            "cma.seed": self._cma_seed_range(),
         }
         for name, (lo, hi) in used.items():
             if lo < eval_range[1] and eval_range[0] < hi:
                 raise ConfigError(
                     f"eval.seed: the evaluation tracks [{eval_range[0]}, {eval_range[1]}) overlap the tracks of "
                     f"{name} [{lo}, {hi}); evaluation must use unseen tracks: move eval.seed or {name}"
+                )
+
+    def _cma_seed_range(self) -> tuple[int, int]:
+        """The tracks CMA-ES trains, validates and selects on (and iterations are scored on)."""
+        validation = max(self.cma.eval_episodes + self.cma.select_episodes, self.iterate.score_episodes)
+        return self.cma.seed, self.cma.seed + CMA_VALIDATION_OFFSET + validation
+
+    def iterate_seed_range(self) -> tuple[int, int]:
+        """The tracks of every iteration's collection, [first, last + 1)."""
+        it = self.iterate
+        return it.seed, it.seed + ITERATION_SEED_STRIDE * max(it.iterations - 1, 0) + it.episodes
+
+    def _check_iterate_seeds_unused(self) -> None:
+        """The iterations collect on tracks of their own: not eval's, not CMA-ES's, not the dataset's."""
+        if self.iterate.iterations == 0:
+            return
+        lo, hi = self.iterate_seed_range()
+        used = {
+            "eval.seed": (self.eval.seed, self.eval.seed + self.eval.episodes),
+            "cma.seed": self._cma_seed_range(),
+            "data.seed": (self.data.seed, self.data.seed + self.data.episodes),
+        }
+        for name, (a, b) in used.items():
+            if a < hi and lo < b:
+                raise ConfigError(
+                    f"iterate.seed: the iterations' tracks [{lo}, {hi}) overlap the tracks of {name} [{a}, {b}); "
+                    f"move iterate.seed or {name}"
                 )
 
     # --- conversion -----------------------------------------------------------------
@@ -177,6 +205,8 @@ def _from_dict(cls: type, data: dict[str, Any], section: str) -> Any:
             expected = type(getattr(cls(), key))
             if expected is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
+            if expected is tuple and isinstance(value, list):  # JSON has no tuples
+                value = tuple(float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value)
             if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
                 raise ConfigError(f"{name} must be {expected.__name__}, got {value!r}")
             kwargs[key] = value
@@ -202,4 +232,5 @@ _SECTIONS = {
     "cma": CMAConfig,
     "dream": DreamConfig,
     "eval": EvalConfig,
+    "iterate": IterateConfig,
 }

@@ -23,6 +23,8 @@ CARRACING_MAX_STEPS = 1000
 SCALES = ("tiny", "book", "paper")
 CMA_VALIDATION_OFFSET = 500_000
 """CMA-ES's validation tracks use seeds cma.seed + CMA_VALIDATION_OFFSET + i."""
+ITERATION_SEED_STRIDE = 100_000
+"""Iteration k's episode i is driven on the track of seed iterate.seed + ITERATION_SEED_STRIDE * (k - 1) + i."""
 Scale = Literal["tiny", "book", "paper"]
 
 
@@ -303,3 +305,41 @@ class EvalConfig(_Section):
     """Steps per evaluation episode (the protocol: CarRacing's full 1,000; fewer only in tiny)."""
 
     _section = "eval"
+
+
+@dataclass
+class IterateConfig(_Section):
+    """The iterative training procedure: collect with the current controller, retrain M on all
+    the data, evolve C again."""
+
+    iterations: int = _bounded(0, 0, 99, extendable=True)
+    """Iterations to run after the first controller (0: none; a finished run continues when this grows)."""
+    episodes: int = _bounded(1000, 1, ITERATION_SEED_STRIDE)
+    """Episodes collected with the current controller in each iteration."""
+    noise: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2)
+    """Parameter noise: episode i drives theta + noise[i % len(noise)] * N(0, I) (the large ones
+    spin out and leave the road)."""
+    seed: int = _bounded(10_000_000, 0, 2**31 - 1)
+    """Iteration k's episode i is driven on the track of seed + 100,000 * (k - 1) + i (and its noise drawn from it)."""
+    mdrnn_epochs: int = _bounded(0, 0)
+    """Epochs of fine-tuning M on all the data so far, from the previous iteration's M (0: mdrnn.epochs)."""
+    controller: str = "dream"
+    """How C is evolved again: 'dream' (in the new M's dream, as the dream command) or 'real'
+    (in CarRacing, as train-controller)."""
+    controller_generations: int = _bounded(0, 0)
+    """Generations of that evolution (0: dream.generations or cma.generations, as the command would run)."""
+    score_episodes: int = _bounded(16, 1, 100_000)
+    """Real episodes scoring each iteration's controller, on the CMA-ES validation tracks (never eval's)."""
+
+    _section = "iterate"
+    _choices = {"controller": ("dream", "real")}
+
+    def __post_init__(self) -> None:
+        if not _CHECKING.get():
+            return
+        super().__post_init__()
+        if not isinstance(self.noise, tuple) or not self.noise:
+            raise ConfigError(f"iterate.noise must be a non-empty tuple of numbers >= 0, got {self.noise!r}")
+        for sigma in self.noise:
+            if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not (0 <= sigma < math.inf):
+                raise ConfigError(f"iterate.noise = {self.noise!r}: {sigma!r} is out of range: allowed [0, inf)")

@@ -16,7 +16,6 @@ from its seed when needed (:func:`worldmodels.data.dataset_episodes`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ import numpy as np
 from worldmodels.config import Config
 from worldmodels.runs import (
     ABLATIONS_FOLDER, BEST_WEIGHTS, CONFIG_FILE, DONE_FILE, DREAM_SUMMARY, HISTORY_FILE, MANIFEST_FILE, METRICS_FILE,
-    RESULTS_FILE, SELECTION_FILE, RunDir, as_run_dir, load_tensors, read_json, reading, save_tensors, weights_metadata,
+    RESULTS_FILE, SELECTION_FILE, RunDir, as_run_dir, file_sha256, load_tensors, read_json, reading, save_tensors, weights_metadata,
     write_bytes, write_json,
 )
 
@@ -100,14 +99,6 @@ class Pretrained:
     """``eval/results.json``: the evaluation with the paper's protocol, when shipped."""
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def available(root: Path = ROOT) -> list[str]:
     """Names of the shipped runs."""
     return sorted(p.parent.name for p in Path(root).glob(f"*/{MANIFEST}"))
@@ -125,7 +116,7 @@ def verify(name: str, root: Path = ROOT) -> Path:
         path = folder / rel
         if not path.exists():
             raise ChecksumError(f"{path}: listed in {manifest_path} but missing")
-        if _sha256(path) != expected:
+        if file_sha256(path) != expected:
             raise ChecksumError(f"{path}: SHA-256 differs from {manifest_path}; the file is damaged or was changed")
     return folder
 
@@ -221,7 +212,7 @@ def export(
         _evaluate_shipped(folder, run.path / RESULTS)
         if RESULTS not in files:  # the run had no evaluation of its own
             files.append(RESULTS)
-    write_json(folder / MANIFEST, {"name": name, "sha256": {rel: _sha256(folder / rel) for rel in files}})
+    write_json(folder / MANIFEST, {"name": name, "sha256": {rel: file_sha256(folder / rel) for rel in files}})
     return folder
 
 
