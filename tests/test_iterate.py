@@ -328,6 +328,8 @@ def test_the_controller_may_be_evolved_again_in_carracing(fake_run, dataset):
     controller = iteration_folder(run, 1) / "controller"
     assert record["controller"]["mode"] == "real" and record["controller"]["generations"] == 1
     assert read_json(controller / DONE_FILE)["generations"] == 1  # train-controller's files, one generation
+    started = read_json(controller / DONE_FILE)["start"]["x0"]  # CMA-ES began at the controller it improves on
+    assert started == str(run.controller / BEST_WEIGHTS["controller"])
     assert not list(controller.glob("dream_*"))
     new = load_controller(controller / BEST_WEIGHTS["controller"]).params
     assert not np.array_equal(new, load_controller(run.controller / BEST_WEIGHTS["controller"]).params)

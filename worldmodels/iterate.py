@@ -121,6 +121,9 @@ class IterationRun(RunDir):
         run = as_run_dir(run)
         super().__init__(iteration_folder(run, index))
         self.run, self.index, self.cfg = run, index, iteration_config(cfg, index)
+        if cfg.iterate.controller == "real":  # CMA-ES in CarRacing starts from the controller it improves on
+            start = previous_run(cfg, run, index).controller / BEST_WEIGHTS["controller"]
+            self.cfg = self.cfg.replace(**{"cma.x0": str(start)})
 
     def __repr__(self) -> str:
         return f"IterationRun({str(self.run.path)!r}, {self.index})"
