@@ -397,3 +397,14 @@ def test_iterate_command_prints_each_iteration_and_refuses_fewer(finished, capsy
         f"error: iterate.iterations = 0 is below the 1 iterations that {run.path / 'iterations'} already holds: "
         "allowed [1, 99]"
     )
+
+
+def test_an_iteration_trains_m_with_its_own_reward_weighting_and_epochs():
+    from worldmodels.iterate import iteration_config
+
+    cfg = preset("tiny", **{"iterate.reward_overprediction": 5.0, "iterate.mdrnn_epochs": 3, "iterate.iterations": 1})
+    it = iteration_config(cfg, 1)
+    assert it.mdrnn.reward_overprediction == 5.0 and it.mdrnn.epochs == 3 and it.iterate.iterations == 0
+    assert iteration_config(preset("tiny"), 1).mdrnn.reward_overprediction == 1.0  # 0: the run's own
+    with pytest.raises(ConfigError, match="reward_overprediction"):
+        preset("tiny", **{"mdrnn.reward_overprediction": 0.5})

@@ -147,6 +147,17 @@ def test_mdrnn_loss_terms():
     assert mdrnn_loss(out, z_next).loss.item() == pytest.approx(terms.gmm.item())  # heads but no targets
 
 
+def test_overpredicted_rewards_weigh_more():
+    out = random_output((1, 4, 32))._replace(reward=torch.tensor([[1.0, 1.0, 1.0, 1.0]]))
+    z_next = torch.randn(1, 4, 32)
+    reward = torch.tensor([[0.0, 3.0, 1.0, 0.5]])  # errors +1, -2, 0, +0.5: two over-predictions
+    mask = torch.tensor([[True, True, True, False]])  # the last step is padding
+    assert mdrnn_loss(out, z_next, reward=reward, overprediction=1.0).reward.item() == pytest.approx((1 + 4 + 0 + 0.25) / 4)
+    weighted = mdrnn_loss(out, z_next, reward=reward, overprediction=5.0)
+    assert weighted.reward.item() == pytest.approx((5 * 1 + 4 + 0 + 5 * 0.25) / 4)
+    assert mdrnn_loss(out, z_next, reward=reward, mask=mask, overprediction=5.0).reward.item() == pytest.approx((5 + 4) / 3)
+
+
 def masked_reference(out, z_next, reward, done, mask):
     """M's masked loss terms written out step by step in float64: the mean over the valid steps."""
     steps = [(b, t) for b in range(mask.shape[0]) for t in range(mask.shape[1]) if mask[b, t]]

@@ -172,7 +172,7 @@ class MDRNNLoss(NamedTuple):
     gmm: Tensor
     """Mixture negative log-likelihood of the next latent, see :func:`mdn_loss`."""
     reward: Tensor
-    """Mean squared error of the reward head (0 without head or target)."""
+    """Mean squared error of the reward head, over-predictions weighted (0 without head or target)."""
     done: Tensor
     """Binary cross-entropy of the done head (0 without head or target)."""
 
@@ -185,6 +185,7 @@ def mdrnn_loss(
     reward_weight: float = 1.0,
     done_weight: float = 1.0,
     mask: Tensor | None = None,
+    overprediction: float = 1.0,
 ) -> MDRNNLoss:
     """M's training loss: mixture NLL of ``z_next`` plus the optional reward and done terms.
 
@@ -196,12 +197,19 @@ def mdrnn_loss(
 
     ``mask`` (that shape, bool) marks the steps that count: every term is averaged over
     those only, so the padding of short episodes changes nothing. ``None``: every step counts.
+
+    ``overprediction`` weighs the squared error of the steps where the predicted reward
+    exceeds the real one (1: plain MSE). Above 1, M learns to err low: a controller trained
+    in the dream maximises M's rewards and finds where M invents them, so an invented
+    reward costs more than a missed one.
     """
     gmm = _mean(mdn_loss(out, z_next, reduction="none").mean(-1), mask)
     zero = gmm.new_zeros(())
     reward_loss = zero
     if out.reward is not None and reward is not None:
-        reward_loss = _mean((out.reward - reward.to(out.reward.dtype)).pow(2), mask)
+        error = out.reward - reward.to(out.reward.dtype)
+        weight = torch.where(error > 0, overprediction, 1.0) if overprediction != 1.0 else 1.0
+        reward_loss = _mean(weight * error.pow(2), mask)
     done_loss = zero
     if out.done_logit is not None and done is not None:
         bce = F.binary_cross_entropy_with_logits(out.done_logit, done.to(out.done_logit.dtype), reduction="none")

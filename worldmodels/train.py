@@ -284,13 +284,15 @@ def _posterior(model: VAE, frames: Tensor, batch_size: int, device: torch.device
 # --- M ---------------------------------------------------------------------------------------
 
 
-def _mdrnn_losses(model: MDRNN, batch: dict[str, Tensor], generator: torch.Generator) -> MDRNNLoss:
+def _mdrnn_losses(
+    model: MDRNN, batch: dict[str, Tensor], generator: torch.Generator, overprediction: float = 1.0
+) -> MDRNNLoss:
     """Sample z from V's posterior, predict z[t+1] from z[t] and a[t]; the loss over the unpadded steps."""
     mu, logvar = batch["mu"], batch["logvar"]
     eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
     z = mu + torch.exp(0.5 * logvar) * eps
     out, _ = model(z[:, :-1], batch["action"])
-    return mdrnn_loss(out, z[:, 1:], batch["reward"], batch["done"], mask=batch["mask"])
+    return mdrnn_loss(out, z[:, 1:], batch["reward"], batch["done"], mask=batch["mask"], overprediction=overprediction)
 
 
 def _sequence_datasets(
@@ -383,7 +385,7 @@ def _mdrnn_stage(cfg: Config, run: RunDir, device: torch.device, quiet: bool,
     model = model.to(device)
 
     def losses(batch: dict[str, Tensor], stream: int, i: int) -> MDRNNLoss:
-        return _mdrnn_losses(model, batch, _generator(device, cfg.train_seed, stream, i))
+        return _mdrnn_losses(model, batch, _generator(device, cfg.train_seed, stream, i), m.reward_overprediction)
 
     def batches(epoch: int, done: int) -> Iterator[dict[str, Tensor]]:
         order = np.random.default_rng([cfg.train_seed, _M_ORDER, epoch]).permutation(len(train_ds))

@@ -206,6 +206,9 @@ class MDRNNConfig(_Section):
     """Adam's learning rate."""
     grad_clip: float = _bounded(1.0, 0.0)
     """Gradient norm clipping (0: off)."""
+    reward_overprediction: float = _bounded(1.0, 1.0, 100.0)
+    """Weight of the reward head's squared error where it predicts more than the real reward (1: plain
+    MSE); above 1, M errs low and a controller trained in its dream finds fewer rewards M invents."""
     untrained: bool = False
     """Keep M at its random initialisation (seeded by train_seed) instead of training it: the
     ablation in which only M's untrained recurrent features reach the controller."""
@@ -328,6 +331,8 @@ class IterateConfig(_Section):
     (in CarRacing, as train-controller)."""
     controller_generations: int = _bounded(0, 0)
     """Generations of that evolution (0: dream.generations or cma.generations, as the command would run)."""
+    reward_overprediction: float = _bounded(0.0, 0.0, 100.0)
+    """``mdrnn.reward_overprediction`` of the iterations' M (0: the run's own)."""
     score_episodes: int = _bounded(16, 1, 100_000)
     """Real episodes scoring each iteration's controller, on the CMA-ES validation tracks (never eval's)."""
 
