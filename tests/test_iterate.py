@@ -14,12 +14,14 @@ from worldmodels.cli import main
 from worldmodels.config import ITERATION_SEED_STRIDE, Config, ConfigError, preset
 from worldmodels.controller import ControllerShape, load_controller, save_controller
 from worldmodels.data import collect, episode_files, load_episode
+from worldmodels.dream import dream_prefix
 from worldmodels.iterate import (
-    IterationRun, episode_sigmas, iterate, iteration_summary, latent_folders, noisy_params, score_seeds,
+    IterationRun, dream_controller, episode_sigmas, iterate, iteration_summary, latent_folders, noisy_params,
+    score_seeds,
 )
 from worldmodels.rollout import Agent, rollout
 from worldmodels.runs import (
-    BEST_WEIGHTS, CONFIG_FILE, DONE_FILE, MANIFEST_FILE, RECORD_FILE, RunDir, RunDirError, file_sha256,
+    BEST_WEIGHTS, CONFIG_FILE, DONE_FILE, DREAM_RESULTS_FILE, MANIFEST_FILE, RECORD_FILE, RunDir, RunDirError, file_sha256,
     iteration_folder, load_tensors, read_json,
 )
 from worldmodels.train import _sequence_datasets, encode
@@ -408,3 +410,23 @@ def test_an_iteration_trains_m_with_its_own_reward_weighting_and_epochs():
     assert iteration_config(preset("tiny"), 1).mdrnn.reward_overprediction == 1.0  # 0: the run's own
     with pytest.raises(ConfigError, match="reward_overprediction"):
         preset("tiny", **{"mdrnn.reward_overprediction": 0.5})
+
+
+def test_evaluate_dream_drives_the_last_iterations_dream_controller_with_its_m(finished, capsys):
+    run, base, _ = finished
+    view, path = dream_controller(CFG, run)
+    assert path == iteration_folder(run, 1) / "controller" / f"{dream_prefix(CFG.dream.temperature)}best.safetensors"
+    assert view.mdrnn == iteration_folder(run, 1) / "mdrnn" and view.vae == run.vae
+    with pytest.raises(RunDirError, match=r"dream_tau0.5_best.safetensors: no dream-trained controller at tau 0.5"):
+        dream_controller(CFG, run, tau=0.5)
+    main(["evaluate", "--scale", "tiny", "--run-dir", str(run.path), "--controller", "dream", "--episodes", "2",
+          "--workers", "1", "--json"])
+    printed = json.loads(capsys.readouterr().out)
+    written = read_json(iteration_folder(run, 1) / "eval" / DREAM_RESULTS_FILE)
+    assert printed["returns"] == written["returns"] and written["controller"] == str(path)
+    agent = Agent.from_run(view, view.cfg)  # the same episodes, driven here with the iteration's M
+    expected = rollout(agent, load_controller(path).params[None].repeat(2, 0), printed["seeds"], CFG.env,
+                       max_steps=CFG.eval.max_steps, float64=True).returns
+    assert printed["returns"] == pytest.approx(expected.tolist(), abs=1e-9)
+    with pytest.raises(RunDirError, match=rf"{base.controller}/dream_tau{CFG.dream.temperature:g}_best.safetensors: no dream"):
+        dream_controller(CFG, base)  # no iteration: the run's own dream, which it has not trained

@@ -66,8 +66,9 @@ class Evaluate(Common):
     """Print one JSON object (returns, mean, std, min, max) instead of a readable line."""
     controller: str = "main"
     """'main' (the run's agent, RUN_DIR/controller/best.safetensors), 'dream' (the controller trained in
-    M's dream, RUN_DIR/controller/dream_tau{TAU}_best.safetensors; results in eval/dream_results.json),
-    or a controller file."""
+    M's dream: the last iteration's, RUN_DIR/iterations/NN/controller/dream_tau{TAU}_best.safetensors, driving
+    with that iteration's M, else RUN_DIR/controller/dream_tau{TAU}_best.safetensors; results in that folder's
+    eval/dream_results.json), or a controller file."""
     tau: float | None = None
     """With --controller dream: the dream's temperature (default: dream.temperature of the run's config)."""
     workers: int | None = None
@@ -89,13 +90,15 @@ def run_evaluate(args: Evaluate) -> None:
 
         pretrained.install(args.pretrained, args.run_dir)
     cfg = _run_config(args)
-    controller, results_file = (None if args.controller == "main" else Path(args.controller)), RESULTS_FILE
-    if args.controller == "dream":
-        from worldmodels.dream import dream_controller_path
+    run, results_file = args.run_dir, RESULTS_FILE
+    controller = None if args.controller == "main" else Path(args.controller)
+    if args.controller == "dream":  # the last iteration's dream controller with its M, else the run's
+        from worldmodels.iterate import dream_controller
 
-        controller, results_file = dream_controller_path(args.run_dir, args.tau), DREAM_RESULTS_FILE
+        run, controller = dream_controller(cfg, args.run_dir, args.tau)
+        cfg, results_file = run.load_config(), DREAM_RESULTS_FILE
     results = evaluate_run(
-        args.run_dir, cfg, episodes=args.episodes, seed=args.seed, workers=args.workers,
+        run, cfg, episodes=args.episodes, seed=args.seed, workers=args.workers,
         controller=controller, max_steps=args.max_steps, results_file=results_file,
     )
     if args.json:

@@ -58,7 +58,7 @@ from tqdm.auto import tqdm
 from worldmodels.config import CMA_VALIDATION_OFFSET, ITERATION_SEED_STRIDE, Config, ConfigError, EnvConfig
 from worldmodels.controller import ControllerShape, load_controller, save_controller
 from worldmodels.data import episode_path, episode_record, save_episode, split_episodes
-from worldmodels.dream import dream_prefix, train_controller_in_dream
+from worldmodels.dream import dream_controller_path, dream_prefix, train_controller_in_dream
 from worldmodels.evaluation import evaluate
 from worldmodels.parallel import InlineExecutor, make_executor, resolve_workers
 from worldmodels.rollout import Agent, rollout, rollout_worker, train_controller
@@ -431,3 +431,28 @@ def iteration_summary(record: dict[str, Any]) -> str:
         f"real score on {score['episodes']} validation tracks {score['new']['mean']:.1f} +- {score['new']['std']:.1f} "
         f"(the controller it started from: {score['start']['mean']:.1f} +- {score['start']['std']:.1f})"
     )
+
+
+def finished_iterations(run: str | Path | RunDir) -> int:
+    """How many iterations of `run` are finished (1..k each with its ``done.json``)."""
+    run, k = as_run_dir(run), 0
+    while (iteration_folder(run, k + 1) / DONE_FILE).exists():
+        k += 1
+    return k
+
+
+def dream_controller(cfg: Config, run: str | Path | RunDir, tau: float | None = None) -> tuple[RunDir, Path]:
+    """Where `run`'s dream-trained controller lives: the run (as a run directory) whose M it
+    dreamt in, and the controller's file.
+
+    The last finished iteration that evolved C in the dream (``iterate.controller = 'dream'``:
+    its M, its ``controller/dream_tau{tau}_best.safetensors``), else the run's own dream
+    (:func:`worldmodels.dream.dream_controller_path`). `tau` defaults to ``dream.temperature``.
+    """
+    run = as_run_dir(run)
+    for index in range(finished_iterations(run), 0, -1):
+        record = read_json(iteration_folder(run, index) / RECORD_FILE)
+        if record.get("controller", {}).get("mode") == "dream":
+            view = IterationRun(run, index, cfg)
+            return view, dream_controller_path(view, cfg.dream.temperature if tau is None else tau)
+    return run, dream_controller_path(run, tau)
