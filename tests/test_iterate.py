@@ -21,7 +21,8 @@ from worldmodels.iterate import (
 )
 from worldmodels.rollout import Agent, rollout
 from worldmodels.runs import (
-    BEST_WEIGHTS, CONFIG_FILE, DONE_FILE, DREAM_RESULTS_FILE, MANIFEST_FILE, RECORD_FILE, RunDir, RunDirError, file_sha256,
+    BEST_WEIGHTS, CONFIG_FILE, DONE_FILE, DREAM_RESULTS_FILE, MANIFEST_FILE, RECORD_FILE, RunDir, RunDirError,
+    file_sha256,
     iteration_folder, load_tensors, read_json,
 )
 from worldmodels.train import _sequence_datasets, encode
@@ -428,5 +429,6 @@ def test_evaluate_dream_drives_the_last_iterations_dream_controller_with_its_m(f
     expected = rollout(agent, load_controller(path).params[None].repeat(2, 0), printed["seeds"], CFG.env,
                        max_steps=CFG.eval.max_steps, float64=True).returns
     assert printed["returns"] == pytest.approx(expected.tolist(), abs=1e-9)
-    with pytest.raises(RunDirError, match=rf"{base.controller}/dream_tau{CFG.dream.temperature:g}_best.safetensors: no dream"):
+    missing = base.controller / f"{dream_prefix(CFG.dream.temperature)}best.safetensors"
+    with pytest.raises(RunDirError, match=rf"{missing}: no dream-trained controller"):
         dream_controller(CFG, base)  # no iteration: the run's own dream, which it has not trained

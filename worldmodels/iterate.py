@@ -89,7 +89,8 @@ STEPS = ("collect", "encode", "mdrnn", "controller", "score")
 def iteration_config(cfg: Config, index: int) -> Config:
     """The config the stages of iteration `index` run with: `cfg` with its dataset the
     iteration's episodes (``data.episodes``, and ``data.seed`` the track of episode 0), M's
-    epochs ``iterate.mdrnn_epochs`` and reward weighting ``iterate.reward_overprediction``, C's generations ``iterate.controller_generations``
+    epochs ``iterate.mdrnn_epochs`` and reward weighting ``iterate.reward_overprediction``, C's
+    generations ``iterate.controller_generations``
     (each when set), and no iterations of its own."""
     it = cfg.iterate
     overrides: dict[str, Any] = {
