@@ -14,7 +14,7 @@ from worldmodels.cli import main
 from worldmodels.config import ITERATION_SEED_STRIDE, Config, ConfigError, preset
 from worldmodels.controller import ControllerShape, load_controller, save_controller
 from worldmodels.data import collect, episode_files, load_episode
-from worldmodels.dream import dream_prefix
+from worldmodels.dream import dream_prefix, initial_latents
 from worldmodels.iterate import (
     IterationRun, dream_controller, episode_sigmas, iterate, iteration_summary, latent_folders, noisy_params,
     score_seeds,
@@ -432,3 +432,27 @@ def test_evaluate_dream_drives_the_last_iterations_dream_controller_with_its_m(f
     missing = base.controller / f"{dream_prefix(CFG.dream.temperature)}best.safetensors"
     with pytest.raises(RunDirError, match=rf"{missing}: no dream-trained controller"):
         dream_controller(CFG, base)  # no iteration: the run's own dream, which it has not trained
+
+
+def test_an_exported_run_ships_its_iterations_and_their_dream_controller_drives_the_same(finished, tmp_path):
+    from worldmodels import pretrained
+    from worldmodels.evaluation import evaluate_run
+
+    run, _, _ = finished
+    folder = pretrained.export(run, "tiny", root=tmp_path / "shipped", half=False)
+    manifest = json.loads((folder / pretrained.MANIFEST).read_text())["sha256"]
+    shipped_files = {
+        "record.json", "done.json", "data/manifest.json", "mdrnn/mdrnn.safetensors", "controller/best.safetensors",
+        f"controller/{dream_prefix(CFG.dream.temperature)}best.safetensors", "controller/dream_starts.npz",
+    }
+    assert {f"iterations/01/{f}" for f in shipped_files} <= set(manifest)
+    assert not any("/latents/" in rel or rel.endswith((".pkl", ".pt")) for rel in manifest)  # no episodes, no checkpoints
+    copy = pretrained.install("tiny", tmp_path / "copy", root=tmp_path / "shipped")
+    assert not (copy.path / "iterations" / "01" / "latents").exists()  # the dreams' starts come from the shipped file
+    returns, starts = {}, {}
+    for where in (run, copy):
+        view, path = dream_controller(CFG, where)
+        returns[where] = evaluate_run(view, view.cfg, episodes=2, workers=1, controller=path)["returns"]
+        starts[where] = initial_latents(view)[0]
+    assert returns[run] == returns[copy]
+    np.testing.assert_array_equal(starts[run], starts[copy])

@@ -26,9 +26,9 @@ import numpy as np
 
 from worldmodels.config import Config
 from worldmodels.runs import (
-    ABLATIONS_FOLDER, BEST_WEIGHTS, CONFIG_FILE, DONE_FILE, DREAM_SUMMARY, HISTORY_FILE, MANIFEST_FILE, METRICS_FILE,
-    RESULTS_FILE, SELECTION_FILE, RunDir, as_run_dir, file_sha256, load_tensors, read_json, reading, save_tensors, weights_metadata,
-    write_bytes, write_json,
+    ABLATIONS_FOLDER, BEST_WEIGHTS, CONFIG_FILE, DONE_FILE, DREAM_RESULTS_FILE, DREAM_SUMMARY, HISTORY_FILE,
+    MANIFEST_FILE, METRICS_FILE, RECORD_FILE, RESULTS_FILE, SELECTION_FILE, RunDir, as_run_dir, file_sha256,
+    iteration_folder, load_tensors, read_json, reading, save_tensors, weights_metadata, write_bytes, write_json,
 )
 
 ROOT = Path(__file__).resolve().parent
@@ -78,6 +78,28 @@ ABLATION_FILES = (
 :mod:`worldmodels.ablations`) shipped with the run: its config, controller, CMA-ES history,
 final selection and evaluation. V is the run's own, and an untrained M is rebuilt from the
 config's seed, so no other weights are needed."""
+
+
+ITERATION_FILES = (
+    RECORD_FILE,
+    DONE_FILE,
+    f"data/{MANIFEST_FILE}",
+    f"mdrnn/{BEST_WEIGHTS['mdrnn']}",
+    f"mdrnn/{DONE_FILE}",
+    f"mdrnn/{METRICS_FILE}",
+    CONTROLLER,
+    *(f"controller/dream_tau*_{f}" for f in (BEST_WEIGHTS["controller"], DONE_FILE, HISTORY_FILE, SELECTION_FILE)),
+    f"controller/{DREAM_SUMMARY}",
+    f"controller/{HISTORY_FILE}",
+    f"controller/{DONE_FILE}",
+    f"controller/{SELECTION_FILE}",
+    f"eval/{DREAM_RESULTS_FILE}",
+)
+"""Files of each finished iteration (``iterations/NN/``, see :mod:`worldmodels.iterate`) shipped
+with the run: its record, data manifest, M (float32: its dream controller drives with it),
+M's metrics, its controller and that controller's evolution, and its evaluation; with
+the dreams' start latents of the iteration, the controller can be trained, evaluated and
+watched again without the iteration's episodes."""
 
 
 class ChecksumError(RuntimeError):
@@ -181,6 +203,7 @@ def export(
     The manifest is written last, so an interrupted export is never loadable.
     """
     from worldmodels.dream import STARTS_FILE, save_initial_latents
+    from worldmodels.iterate import IterationRun, finished_iterations
 
     run = as_run_dir(run)
     folder = Path(root) / name
@@ -200,7 +223,13 @@ def export(
     ablations = sorted(  # the finished ones: evaluated
         p.parents[1].relative_to(run.path).as_posix() for p in run.path.glob(f"{ABLATIONS_FOLDER}/*/{RESULTS}")
     )
-    patterns = [*RECORDS, *(f"{a}/{f}" for a in ablations for f in ABLATION_FILES)]
+    iterations = [
+        iteration_folder(run, k).relative_to(run.path).as_posix() for k in range(1, finished_iterations(run) + 1)
+    ]
+    patterns = [
+        *RECORDS, *(f"{a}/{f}" for a in ablations for f in ABLATION_FILES),
+        *(f"{i}/{f}" for i in iterations for f in ITERATION_FILES),
+    ]
     for pattern in patterns:
         for path in sorted(run.path.glob(pattern)):
             rel = path.relative_to(run.path).as_posix()
@@ -208,6 +237,9 @@ def export(
             files.append(rel)
     save_initial_latents(run, folder / STARTS_FILE)
     files.append(STARTS_FILE)
+    for k, rel in enumerate(iterations, start=1):  # each iteration's dreams start from its own episodes
+        save_initial_latents(IterationRun(run, k, run.load_config()), folder / rel / STARTS_FILE)
+        files.append(f"{rel}/{STARTS_FILE}")
     if evaluate:
         _evaluate_shipped(folder, run.path / RESULTS)
         if RESULTS not in files:  # the run had no evaluation of its own
