@@ -446,7 +446,7 @@ def test_an_exported_run_ships_its_iterations_and_their_dream_controller_drives_
         f"controller/{dream_prefix(CFG.dream.temperature)}best.safetensors", "controller/dream_starts.npz",
     }
     assert {f"iterations/01/{f}" for f in shipped_files} <= set(manifest)
-    assert not any("/latents/" in rel or rel.endswith((".pkl", ".pt")) for rel in manifest)  # no episodes, no checkpoints
+    assert not any("/latents/" in rel or rel.endswith((".pkl", ".pt")) for rel in manifest)
     copy = pretrained.install("tiny", tmp_path / "copy", root=tmp_path / "shipped")
     assert not (copy.path / "iterations" / "01" / "latents").exists()  # the dreams' starts come from the shipped file
     returns, starts = {}, {}
