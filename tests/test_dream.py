@@ -153,21 +153,7 @@ def test_train_controller_in_dream_tiny(tmp_path, monkeypatch, fake_run):
     from worldmodels.evolution import read_history
     from worldmodels.runs import read_json
 
-    cfg = preset(
-        "tiny",
-        **{
-            "dream.population": 4, "cma.generations": 3, "cma.eval_episodes": 2, "dream.episodes_per_candidate": 2,
-            "cma.workers": 1, "dream.max_steps": 15, "dream.temperature": 1.15, "dream.generations": 2,
-            "eval.episodes": 1,
-        },
-    )
-    run = fake_run(cfg)
-    for i in range(3):
-        save_npz(
-            run.latents / f"ep{i:05d}.npz",
-            mu=np.random.default_rng(i).normal(size=(61, cfg.vae.z_size)).astype(np.float16),
-            logvar=np.full((61, cfg.vae.z_size), -2, np.float16),
-        )
+    cfg, run = _tiny_dream_run(fake_run, **{"dream.temperature": 1.15})
 
     res = train_controller_in_dream(cfg, run, quiet=True, real_max_steps=10)
     assert res.params.shape == (ControllerShape.from_config(cfg).n_params,)
