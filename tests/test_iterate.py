@@ -456,3 +456,18 @@ def test_an_exported_run_ships_its_iterations_and_their_dream_controller_drives_
         starts[where] = initial_latents(view)[0]
     assert returns[run] == returns[copy]
     np.testing.assert_array_equal(starts[run], starts[copy])
+
+
+def test_the_dream_controller_is_the_iteration_best_on_validation_tracks(finished, tmp_path):
+    run, _, _ = finished
+    second = iteration_folder(run, 2)
+    shutil.copytree(iteration_folder(run, 1), second)  # a second finished iteration, scored apart
+    for index, mean in ((1, 50.0), (2, 20.0)):
+        record = read_json(iteration_folder(run, index) / RECORD_FILE)
+        record["score"]["new"]["mean"] = mean
+        (iteration_folder(run, index) / RECORD_FILE).write_text(json.dumps(record))
+    assert dream_controller(CFG, run)[0].index == 1  # the better validation score, not the last
+    record = read_json(second / RECORD_FILE)
+    record["score"]["new"]["mean"] = 50.0
+    (second / RECORD_FILE).write_text(json.dumps(record))
+    assert dream_controller(CFG, run)[0].index == 2  # equal scores: the later iteration

@@ -446,14 +446,21 @@ def dream_controller(cfg: Config, run: str | Path | RunDir, tau: float | None = 
     """Where `run`'s dream-trained controller lives: the run (as a run directory) whose M it
     dreamt in, and the controller's file.
 
-    The last finished iteration that evolved C in the dream (``iterate.controller = 'dream'``:
-    its M, its ``controller/dream_tau{tau}_best.safetensors``), else the run's own dream
-    (:func:`worldmodels.dream.dream_controller_path`). `tau` defaults to ``dream.temperature``.
+    Of the finished iterations that evolved C in the dream (``iterate.controller = 'dream'``),
+    the one whose controller scored best on the real *validation* tracks of its ``score`` step
+    (the latest of equals): its M and its ``controller/dream_tau{tau}_best.safetensors``. One
+    seed's iterations do not improve steadily, so the choice is made like CMA-ES's final
+    selection, on validation tracks, never on the evaluation tracks. Without such an iteration,
+    the run's own dream (:func:`worldmodels.dream.dream_controller_path`). `tau` defaults to
+    ``dream.temperature``.
     """
     run = as_run_dir(run)
-    for index in range(finished_iterations(run), 0, -1):
+    scored = []
+    for index in range(1, finished_iterations(run) + 1):
         record = read_json(iteration_folder(run, index) / RECORD_FILE)
         if record.get("controller", {}).get("mode") == "dream":
-            view = IterationRun(run, index, cfg)
-            return view, dream_controller_path(view, cfg.dream.temperature if tau is None else tau)
+            scored.append((record["score"]["new"]["mean"], index))
+    if scored:
+        view = IterationRun(run, max(scored)[1], cfg)
+        return view, dream_controller_path(view, cfg.dream.temperature if tau is None else tau)
     return run, dream_controller_path(run, tau)
