@@ -140,8 +140,13 @@ def test_evaluate_the_shipped_dream_controller(tmp_path, capsys):
           "--seed", "2000000000", "--max-steps", "30", "--workers", "1", "--json"])
     printed = json.loads(capsys.readouterr().out)
     assert printed["episodes"] == 1 and printed["seeds"] == [2000000000]
-    written = json.loads((run / "eval" / "dream_results.json").read_text())
-    assert written["controller"] == str(run / "controller" / "dream_tau1.15_best.safetensors")
+    from worldmodels.config import Config
+    from worldmodels.iterate import dream_controller
+
+    view, path = dream_controller(Config.load(run / "config.json"), run)
+    assert view.index == 3  # the shipped iterations' dream controller best on validation tracks
+    written = json.loads((view.eval / "dream_results.json").read_text())
+    assert written["controller"] == str(run / "iterations" / "03" / "controller" / "dream_tau1.15_best.safetensors")
     assert written["returns"] == printed["returns"]
     shipped = pretrained.ROOT / "book" / "eval" / "results.json"
     assert (run / "eval" / "results.json").read_bytes() == shipped.read_bytes()  # the main agent's, untouched
