@@ -94,7 +94,7 @@ class _FusedM(NamedTuple):
 
 
 def _fuse(mdrnn: MDRNN, tau: float) -> _FusedM:
-    """:class:`_FusedM` of `mdrnn` at temperature `tau` (a missing done head reads as logit 0; the dream ignores it)."""
+    """``_FusedM`` of `mdrnn` at temperature `tau` (a missing done head reads as logit 0; the dream ignores it)."""
     z, k, h = mdrnn.z_size, mdrnn.n_gaussians, mdrnn.hidden_size
     w_ih, w_hh = mdrnn.lstm.weight_ih_l0.detach(), mdrnn.lstm.weight_hh_l0.detach()
     order = torch.arange(4 * h, device=w_ih.device).view(4, h)[[0, 1, 3, 2]].reshape(-1)  # i, f, g, o -> i, f, o, g
@@ -131,7 +131,7 @@ class DreamEnv:
     generator replays the same dream.
 
     Everything lives on M's device, in M's dtype. A step is M's LSTM cell and heads as two
-    matrix products (:class:`_FusedM`) and the draw of :func:`worldmodels.mdrnn.sample_next_z`
+    matrix products (``_FusedM``) and the draw of :func:`worldmodels.mdrnn.sample_next_z`
     by inverse CDF: per latent dimension one uniform ``u`` picks the first component whose
     cumulative weight of ``softmax(logits / tau)`` exceeds it (as
     :func:`worldmodels.webmodels.sample_from_noise` does), then ``z = mu + sigma sqrt(tau) eps``.
