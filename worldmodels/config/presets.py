@@ -80,11 +80,11 @@ def book() -> Config:
         # Iterations of 200 episodes of the current controller's driving (parameter noise
         # 0-0.2): iteration 1 drives the controller trained on the real track, later ones
         # the previous iteration's dream controller, so that M sees the failures the dream
-        # taught (a dream controller on M trained only on random and agent driving steers
-        # hard left and right at full gas: M predicted ~0.2 reward a step, the real car spun
-        # out). M is fine-tuned for 10 epochs on all the data (its test loss flattens after
-        # ~8); over-predicted rewards weigh 5x (with plain MSE that dream controller made
-        # ~1 reward a step in the dream and 16 +- 25 on the real track, see chapter 6).
+        # taught (a dream controller on M trained only on random and agent driving steered
+        # hard left and right at nearly full gas: M predicted ~0.2 reward a step, the real
+        # car spun out). M is fine-tuned for 10 epochs on all the data; over-predicted
+        # rewards weigh 5x (with plain MSE a dream controller made ~1 reward a step in the
+        # dream and 16 on 8 real validation tracks; an experiment, not in the book).
         # C is evolved again in the dream for 40 generations of 64 x 16 dreams. Four
         # iterations: the dream controllers of iterations 1-3 scored -37, 207 and 691 on 16
         # validation tracks (iterations/NN/record.json), still rising after the third.

@@ -45,6 +45,11 @@ draws pictures and never drives. Everything the agent drives with (V's encoder, 
 float32, so the shipped agent drives exactly like the run's and its evaluation returns the
 run's own, track for track. Rounding those weights to float16 makes another agent: a change
 in the last bits of an action sends CarRacing's car down another trajectory."""
+DREAM_FILES = tuple(
+    f"controller/dream_tau*_{f}" for f in (BEST_WEIGHTS["controller"], DONE_FILE, HISTORY_FILE, SELECTION_FILE)
+)
+"""A finished dream run's files at every temperature (no checkpoint: it only loads, see
+:func:`worldmodels.dream.train_controller_in_dream`)."""
 RECORDS = (
     CONFIG_FILE,
     f"data/{MANIFEST_FILE}",
@@ -56,7 +61,7 @@ RECORDS = (
     f"controller/{HISTORY_FILE}",
     f"controller/{SELECTION_FILE}",
     f"controller/{DREAM_SUMMARY}",
-    *(f"controller/dream_tau*_{f}" for f in (BEST_WEIGHTS["controller"], DONE_FILE, HISTORY_FILE, SELECTION_FILE)),
+    *DREAM_FILES,
     RESULTS,
 )
 """Small files copied as they are (glob patterns: every match); those a run does not have are left out.
@@ -88,7 +93,7 @@ ITERATION_FILES = (
     f"mdrnn/{DONE_FILE}",
     f"mdrnn/{METRICS_FILE}",
     CONTROLLER,
-    *(f"controller/dream_tau*_{f}" for f in (BEST_WEIGHTS["controller"], DONE_FILE, HISTORY_FILE, SELECTION_FILE)),
+    *DREAM_FILES,
     f"controller/{DREAM_SUMMARY}",
     f"controller/{HISTORY_FILE}",
     f"controller/{DONE_FILE}",
@@ -237,8 +242,9 @@ def export(
             files.append(rel)
     save_initial_latents(run, folder / STARTS_FILE)
     files.append(STARTS_FILE)
+    cfg = run.load_config()
     for k, rel in enumerate(iterations, start=1):  # each iteration's dreams start from its own episodes
-        save_initial_latents(IterationRun(run, k, run.load_config()), folder / rel / STARTS_FILE)
+        save_initial_latents(IterationRun(run, k, cfg), folder / rel / STARTS_FILE)
         files.append(f"{rel}/{STARTS_FILE}")
     if evaluate:
         _evaluate_shipped(folder, run.path / RESULTS)
