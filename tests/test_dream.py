@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -453,3 +455,36 @@ def test_threads_follow_the_batch_and_do_not_change_the_returns():
     env.reset(z0, threads=3)
     assert [(s.start, s.stop) for s in env._slices] == [(0, 100), (100, 200), (200, 300)]
     env.close()
+
+
+def test_recorded_correlation_is_measured_once_then_read(fake_run, monkeypatch):
+    """Recorded in dream.json under the temperature; read back (even without the CMA-ES state a
+    shipped run lacks) while the settings match, measured again when they change."""
+    import worldmodels.dream as dream
+    from worldmodels.runs import DREAM_SUMMARY, RunDirError, read_json
+
+    cfg, run = _tiny_dream_run(fake_run, **{"eval.max_steps": 20})
+    with pytest.raises(RunDirError, match=r"dream\.json: no finished dream run at tau 1\.3"):
+        dream.recorded_correlation(cfg, run, candidates=3, real_episodes=2, tau=1.3)
+    train_controller_in_dream(cfg.replace(**{"dream.temperature": 1.3}), run, quiet=True, evaluate_real=False)
+    params = dream.candidates_from_checkpoint(run, 1.3, 3)
+    expected = dream.dream_real_correlation(cfg, run, params, dream.real_validation_seeds(cfg, 2), tau=1.3, workers=1)
+
+    out = dream.recorded_correlation(cfg, run, candidates=3, real_episodes=2, tau=1.3, workers=1)
+    assert out["seeds"] == [cfg.cma.seed + 500_000, cfg.cma.seed + 500_001] and out["candidates"] == 3
+    np.testing.assert_array_equal(out["dream"], expected["dream"])
+    np.testing.assert_array_equal(out["real"], expected["real"])
+    assert (out["pearson"], out["spearman"]) == pytest.approx((expected["pearson"], expected["spearman"]), nan_ok=True)
+    assert json.dumps(read_json(run.controller / DREAM_SUMMARY)["1.3"]["correlation"], sort_keys=True) == json.dumps(out, sort_keys=True)
+
+    (run.controller / "dream_tau1.3_es.pkl").unlink()  # as shipped: nothing left to draw the candidates from
+
+    def measured(*args, **kwargs):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(dream, "dream_real_correlation", measured)
+    assert json.dumps(dream.recorded_correlation(cfg, run, candidates=3, real_episodes=2, tau=1.3), sort_keys=True) == json.dumps(out, sort_keys=True)
+    with pytest.raises(AssertionError, match="measured again"):
+        dream.recorded_correlation(cfg, run, candidates=3, real_episodes=1, tau=1.3)
+    with pytest.raises(ValueError, match="candidates must be >= 2"):
+        dream.recorded_correlation(cfg, run, candidates=1, tau=1.3)

@@ -66,7 +66,8 @@ class Evaluate(Common):
     """Print one JSON object (returns, mean, std, min, max) instead of a readable line."""
     controller: str = "main"
     """'main' (the run's agent, RUN_DIR/controller/best.safetensors), 'dream' (the controller trained in
-    M's dream: the last iteration's, RUN_DIR/iterations/NN/controller/dream_tau{TAU}_best.safetensors, driving
+    M's dream: the iteration's whose dream controller did best on the validation tracks,
+    RUN_DIR/iterations/NN/controller/dream_tau{TAU}_best.safetensors, driving
     with that iteration's M, else RUN_DIR/controller/dream_tau{TAU}_best.safetensors; results in that folder's
     eval/dream_results.json), or a controller file."""
     tau: float | None = None
@@ -237,8 +238,9 @@ class Dream(Common):
     """With --taus or --correlation: real validation tracks (default: cma.eval_episodes + cma.select_episodes)."""
     correlation: int = 0
     """Instead of training: this many candidates around the dream run at --dream.temperature (from its
-    CMA-ES state, or around its best controller) scored in the dream and on the real validation tracks;
-    prints one JSON object with both mean returns and their Pearson and Spearman correlation."""
+    CMA-ES state) scored in the dream and on the real validation tracks; prints one JSON object with both
+    mean returns and their Pearson and Spearman correlation, recorded in controller/dream.json (read again
+    by a second call with the same settings, and by a shipped run)."""
 
 
 def run_dream(args: Dream) -> None:
@@ -267,14 +269,11 @@ def run_dream(args: Dream) -> None:
 def _print_correlation(args: Dream) -> None:
     import json
 
-    from worldmodels.dream import candidates_from_checkpoint, dream_real_correlation, real_validation_seeds
+    from worldmodels.dream import recorded_correlation
 
-    cfg = _run_config(args)
-    tau = args.config.dream.temperature
-    params = candidates_from_checkpoint(args.run_dir, tau, args.correlation)
-    out = dream_real_correlation(cfg, args.run_dir, params, real_validation_seeds(cfg, args.real_episodes), tau=tau)
-    keys = ("temperature", "seeds", "dream", "real", "pearson", "spearman")
-    print(json.dumps({k: (out[k].tolist() if hasattr(out[k], "tolist") else out[k]) for k in keys}))
+    out = recorded_correlation(_run_config(args), args.run_dir, candidates=args.correlation,
+                               real_episodes=args.real_episodes, tau=args.config.dream.temperature)
+    print(json.dumps(out))
 
 
 @dataclasses.dataclass

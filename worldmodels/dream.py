@@ -699,6 +699,47 @@ def dream_real_correlation(
     }
 
 
+def recorded_correlation(
+    cfg: Config,
+    run: str | Path | RunDir,
+    *,
+    candidates: int = 16,
+    real_episodes: int | None = None,
+    tau: float | None = None,
+    workers: int | None = None,
+) -> dict[str, Any]:
+    """:func:`dream_real_correlation` of `candidates` controllers drawn around the finished dream
+    run at `tau` (:func:`candidates_from_checkpoint`, seed 0) on the first `real_episodes` real
+    validation tracks (:func:`real_validation_seeds`), recorded in ``controller/dream.json`` under the temperature's
+    ``correlation``: a second call with the same settings, or a shipped run (which has no CMA-ES
+    checkpoint to draw from), only reads it.
+
+    Returns ``temperature``, ``candidates``, ``seeds``, the lists ``dream`` and ``real`` (each
+    candidate's mean return over the seeds), ``pearson`` and ``spearman``.
+    """
+    run = as_run_dir(run)
+    tau = check_temperature(cfg.dream.temperature if tau is None else tau)
+    if candidates < 2:
+        raise ValueError(f"correlation candidates must be >= 2, got {candidates}")
+    seeds = real_validation_seeds(cfg, real_episodes)
+    settings = {"temperature": tau, "candidates": int(candidates), "seeds": seeds.tolist()}
+    summary_path = run.controller / DREAM_SUMMARY
+    summary = read_json(summary_path) if summary_path.exists() else {}
+    entry = summary.get(f"{tau:g}")
+    if entry is None:
+        raise RunDirError(f"{summary_path}: no finished dream run at tau {tau:g} to draw candidates around")
+    recorded = entry.get("correlation")
+    if recorded is not None and {k: recorded.get(k) for k in settings} == settings:
+        return recorded
+    params = candidates_from_checkpoint(run, tau, candidates)
+    out = dream_real_correlation(cfg, run, params, seeds, tau=tau, workers=workers)
+    recorded = {**settings, "dream": out["dream"].tolist(), "real": out["real"].tolist(),
+                "pearson": out["pearson"], "spearman": out["spearman"]}
+    entry["correlation"] = recorded
+    write_json(summary_path, summary)
+    return recorded
+
+
 def candidates_from_checkpoint(run: str | Path | RunDir, tau: float, k: int, seed: int = 0) -> np.ndarray:
     """`k` controllers (k, P) around the dream run at `tau`, as CMA-ES would sample them: from
     its saved CMA-ES state (``dream_tau{tau}_es.pkl``, left unchanged) when there is one; else
