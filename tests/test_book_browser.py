@@ -369,7 +369,7 @@ def test_page_in_browser(page, scheme, server, browser_context):
     if views:
         try:
             p.wait_for_function(
-                f"n => document.querySelectorAll('.widget-subarea > *').length >= n", arg=len(kernel_free), timeout=30_000
+                "n => document.querySelectorAll('.widget-subarea > *').length >= n", arg=len(kernel_free), timeout=30_000
             )
         except Exception:
             faults.append(f"{len(kernel_free)} widgets should render; "
