@@ -461,7 +461,7 @@ def test_recorded_correlation_is_measured_once_then_read(fake_run, monkeypatch):
     """Recorded in dream.json under the temperature; read back (even without the CMA-ES state a
     shipped run lacks) while the settings match, measured again when they change."""
     import worldmodels.dream as dream
-    from worldmodels.runs import DREAM_SUMMARY, RunDirError, read_json
+    from worldmodels.runs import DREAM_SUMMARY, RunDirError, read_json, write_json
 
     cfg, run = _tiny_dream_run(fake_run, **{"eval.max_steps": 20})
     with pytest.raises(RunDirError, match=r"dream\.json: no finished dream run at tau 1\.3"):
@@ -470,7 +470,16 @@ def test_recorded_correlation_is_measured_once_then_read(fake_run, monkeypatch):
     params = dream.candidates_from_checkpoint(run, 1.3, 3)
     expected = dream.dream_real_correlation(cfg, run, params, dream.real_validation_seeds(cfg, 2), tau=1.3, workers=1)
 
+    measure = dream.dream_real_correlation
+
+    def measure_while_another_process_writes(*args, **kwargs):
+        summary = read_json(run.controller / DREAM_SUMMARY)
+        write_json(run.controller / DREAM_SUMMARY, {**summary, "0.5": {"written": "meanwhile"}})
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(dream, "dream_real_correlation", measure_while_another_process_writes)
     out = dream.recorded_correlation(cfg, run, candidates=3, real_episodes=2, tau=1.3, workers=1)
+    assert read_json(run.controller / DREAM_SUMMARY)["0.5"] == {"written": "meanwhile"}  # not lost
     assert out["seeds"] == [cfg.cma.seed + 500_000, cfg.cma.seed + 500_001] and out["candidates"] == 3
     np.testing.assert_array_equal(out["dream"], expected["dream"])
     np.testing.assert_array_equal(out["real"], expected["real"])

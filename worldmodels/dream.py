@@ -513,7 +513,6 @@ def train_controller_in_dream(
     out = run.controller
     prefix = dream_prefix(tau)
     summary_path = out / DREAM_SUMMARY
-    summary = read_json(summary_path) if summary_path.exists() else {}
     key = f"{tau:g}"
 
     cma_cfg = dream_cma(cfg)
@@ -526,12 +525,15 @@ def train_controller_in_dream(
         params, score, generation = result.best_params, result.best_score, result.generation
         if not result.finished:
             return DreamResult(params, tau, score, None)
-    entry = summary.get(key, {})
+    entry = (read_json(summary_path) if summary_path.exists() else {}).get(key, {})
     real_max_steps = cfg.eval.max_steps if real_max_steps is None else real_max_steps
     if evaluate_real and "real_mean" not in entry:
         entry.update(_evaluate_real(cfg, run, params, real_max_steps))
     entry.update(temperature=tau, dream_return=score, generations=generation)
-    summary[key] = entry
+    # Read again just before writing: the evaluation is long, and the runs at other
+    # temperatures (or a correlation measured meanwhile) write to the same record.
+    summary = read_json(summary_path) if summary_path.exists() else {}
+    summary[key] = {**summary.get(key, {}), **entry}
     write_json(summary_path, summary)
     real = {k: entry[k] for k in ("real_mean", "real_std", "real_episodes") if k in entry} or None
     return DreamResult(params, tau, score, real)
@@ -735,7 +737,8 @@ def recorded_correlation(
     out = dream_real_correlation(cfg, run, params, seeds, tau=tau, workers=workers)
     recorded = {**settings, "dream": out["dream"].tolist(), "real": out["real"].tolist(),
                 "pearson": out["pearson"], "spearman": out["spearman"]}
-    entry["correlation"] = recorded
+    summary = read_json(summary_path)  # again: the measurement is long, and other temperatures may have finished
+    summary[f"{tau:g}"]["correlation"] = recorded
     write_json(summary_path, summary)
     return recorded
 
@@ -802,7 +805,8 @@ def temperature_table(
             if validation is None or {k: validation.get(k) for k in record} != record:
                 r = real_returns(cfg, run, res.params[None], seeds, max_steps, workers)[0]
                 validation = {**record, "mean": float(r.mean()), "std": float(r.std())}
-                entry["validation"] = validation
+                summary = read_json(summary_path)  # again, after the long evaluation
+                summary[f"{tau:g}"]["validation"] = validation
                 write_json(summary_path, summary)
             row.update(generations=entry["generations"], real_mean=validation["mean"], real_std=validation["std"],
                        real_episodes=validation["episodes"])
