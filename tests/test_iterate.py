@@ -472,3 +472,28 @@ def test_the_dream_controller_is_the_iteration_best_on_validation_tracks(finishe
     record["score"]["new"]["mean"] = 50.0
     (second / RECORD_FILE).write_text(json.dumps(record))
     assert dream_controller(CFG, run)[0].index == 2  # equal scores: the later iteration
+
+
+def test_dream_table_and_correlation_of_an_iteration_work_on_its_m_and_dreams(finished, capsys):
+    """`dream --iteration N`: the table and the correlation of that iteration's dream run, recorded in
+    its own dream.json; the run's own dream is left alone; a missing iteration names the count."""
+    run, _, _ = finished
+    folder = iteration_folder(run, 1) / "controller"
+    main(["dream", "--run-dir", str(run.path), *CLI_TINY, "--iteration", "1", "--taus", str(CFG.dream.temperature),
+          "--real-episodes", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "| tau | generations | dream return | real return (1 validation tracks) |"
+    assert read_json(folder / "dream.json")[f"{CFG.dream.temperature:g}"]["validation"]["episodes"] == 1
+    main(["dream", "--run-dir", str(run.path), *CLI_TINY, "--iteration", "1", "--correlation", "2",
+          "--real-episodes", "1"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["candidates"] == 2 and len(out["real"]) == 2
+    assert read_json(folder / "dream.json")[f"{CFG.dream.temperature:g}"]["correlation"]["candidates"] == 2
+    assert not (run.controller / "dream.json").exists()
+    for flags, expected in (
+        (["--iteration", "2", "--correlation", "2"], f"error: --iteration 2: {run.path} holds 1 finished iterations"),
+        (["--iteration", "1"], "error: --iteration: only with --taus or --correlation"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            main(["dream", "--run-dir", str(run.path), *CLI_TINY, *flags])
+        assert str(exit_.value.code).startswith(expected)

@@ -236,6 +236,9 @@ class Dream(Common):
     scored on real validation tracks, never the evaluation tracks; prints the table (empty: --dream.temperature)."""
     real_episodes: int | None = None
     """With --taus or --correlation: real validation tracks (default: cma.eval_episodes + cma.select_episodes)."""
+    iteration: int = 0
+    """With --taus or --correlation: the M and dreams of iteration N of `iterate` (RUN_DIR/iterations/NN,
+    with that iteration's config); 0: the run's own."""
     correlation: int = 0
     """Instead of training: this many candidates around the dream run at --dream.temperature (from its
     CMA-ES state) scored in the dream and on the real validation tracks; prints one JSON object with both
@@ -246,13 +249,15 @@ class Dream(Common):
 def run_dream(args: Dream) -> None:
     from worldmodels.dream import markdown_table, temperature_table, train_controller_in_dream
 
+    if args.iteration and not (args.taus or args.correlation):
+        raise ConfigError("--iteration: only with --taus or --correlation (iterate trains each iteration's controller)")
     if args.correlation:
         _print_correlation(args)
         return
     if args.taus:
+        cfg, run = _dream_run(args)
         rows = temperature_table(
-            args.config, args.run_dir, args.taus, real_episodes=args.real_episodes,
-            max_generations=args.max_generations, quiet=args.quiet,
+            cfg, run, args.taus, real_episodes=args.real_episodes, max_generations=args.max_generations, quiet=args.quiet,
         )
         print(markdown_table(rows))
         return
@@ -266,13 +271,29 @@ def run_dream(args: Dream) -> None:
     print(line)
 
 
+def _dream_run(args: Dream) -> tuple[Config, RunDir]:
+    """The config and run directory that --taus and --correlation work on: the run's (the CLI's config
+    for a new run), or with --iteration N that iteration's."""
+    if not args.iteration:
+        return (_run_config(args) if args.correlation else args.config), RunDir(args.run_dir)
+    from worldmodels.iterate import IterationRun, finished_iterations
+
+    held = finished_iterations(args.run_dir)
+    if args.iteration > held:
+        raise ConfigError(f"--iteration {args.iteration}: {args.run_dir} holds {held} finished iterations")
+    recorded = RunDir(args.run_dir).load_config()
+    view = IterationRun(args.run_dir, args.iteration, recorded)
+    return view.cfg, view
+
+
 def _print_correlation(args: Dream) -> None:
     import json
 
     from worldmodels.dream import recorded_correlation
 
-    out = recorded_correlation(_run_config(args), args.run_dir, candidates=args.correlation,
-                               real_episodes=args.real_episodes, tau=args.config.dream.temperature)
+    cfg, run = _dream_run(args)
+    out = recorded_correlation(cfg, run, candidates=args.correlation, real_episodes=args.real_episodes,
+                               tau=args.config.dream.temperature)
     print(json.dumps(out))
 
 
