@@ -29,12 +29,30 @@ def raw_frame(seed: int = 3, steps: int = 60) -> np.ndarray:
     return obs
 
 
+def score_vs_cpu_hours(cores: int = 2):
+    """The shipped book run's controllers (full model, ablations) against CPU-hours, beside the paper's."""
+    from worldmodels import pretrained
+    from worldmodels.ablations import ABLATIONS
+
+    run = pretrained.verify("book")
+    curves = {"full model (z, h)": (run / "controller" / "history.csv", cores)}
+    for name, ablation in ABLATIONS.items():
+        path = run / "ablations" / name / "controller" / "history.csv"
+        if path.exists():
+            curves[ablation.label] = (path, cores)
+    return viz.plot_score_vs_cpu_hours(curves)
+
+
 def main() -> None:
     FIGURES.mkdir(exist_ok=True)
     raw = raw_frame()
-    fig = viz.raw_vs_transformed(raw, transform_frame(raw))
-    fig.savefig(FIGURES / "raw_vs_transformed.png", dpi=110)
-    print(f"wrote {FIGURES / 'raw_vs_transformed.png'}")
+    figures = {
+        "raw_vs_transformed.png": viz.raw_vs_transformed(raw, transform_frame(raw)),
+        "score_vs_cpu_hours.png": score_vs_cpu_hours(),
+    }
+    for name, fig in figures.items():
+        fig.savefig(FIGURES / name, dpi=110)
+        print(f"wrote {FIGURES / name}")
 
 
 if __name__ == "__main__":
