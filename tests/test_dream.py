@@ -481,6 +481,7 @@ def test_recorded_correlation_is_measured_once_then_read(fake_run, monkeypatch):
     out = dream.recorded_correlation(cfg, run, candidates=3, real_episodes=2, tau=1.3, workers=1)
     assert read_json(run.controller / DREAM_SUMMARY)["0.5"] == {"written": "meanwhile"}  # not lost
     assert out["seeds"] == [cfg.cma.seed + 500_000, cfg.cma.seed + 500_001] and out["candidates"] == 3
+    assert out["drawn_from"] == "checkpoint" and out["max_steps"] == 20
     np.testing.assert_array_equal(out["dream"], expected["dream"])
     np.testing.assert_array_equal(out["real"], expected["real"])
     assert (out["pearson"], out["spearman"]) == pytest.approx((expected["pearson"], expected["spearman"]), nan_ok=True)
@@ -495,5 +496,36 @@ def test_recorded_correlation_is_measured_once_then_read(fake_run, monkeypatch):
     assert json.dumps(dream.recorded_correlation(cfg, run, candidates=3, real_episodes=2, tau=1.3), sort_keys=True) == json.dumps(out, sort_keys=True)
     with pytest.raises(AssertionError, match="measured again"):
         dream.recorded_correlation(cfg, run, candidates=3, real_episodes=1, tau=1.3)
+    with pytest.raises(AssertionError, match="measured again"):  # longer real episodes: another measurement
+        dream.recorded_correlation(cfg.replace(**{"eval.max_steps": 25}), run, candidates=3, real_episodes=2, tau=1.3)
     with pytest.raises(ValueError, match="candidates must be >= 2"):
         dream.recorded_correlation(cfg, run, candidates=1, tau=1.3)
+
+
+def test_the_table_and_the_dream_run_keep_what_other_processes_wrote_meanwhile(fake_run, monkeypatch):
+    """The real evaluations are long; the dream record is read again just before each write, and
+    only the call's own fields are written."""
+    import worldmodels.dream as dream
+    from worldmodels.runs import DREAM_SUMMARY, read_json, write_json
+
+    cfg, run = _tiny_dream_run(fake_run, **{"eval.max_steps": 10})
+    path = run.controller / DREAM_SUMMARY
+
+    def meanwhile(original, key):
+        def wrapped(*args, **kwargs):
+            summary = read_json(path) if path.exists() else {}
+            summary.setdefault("1.3", {})[key] = "written meanwhile"
+            write_json(path, summary)
+            return original(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(dream, "_evaluate_real", meanwhile(dream._evaluate_real, "correlation"))
+    train_controller_in_dream(cfg.replace(**{"dream.temperature": 1.3}), run, quiet=True, real_max_steps=10)
+    entry = read_json(path)["1.3"]
+    assert entry["correlation"] == "written meanwhile" and "real_mean" in entry
+
+    monkeypatch.setattr(dream, "real_returns", meanwhile(dream.real_returns, "other"))
+    rows = dream.temperature_table(cfg, run, (1.3,), real_episodes=1, workers=1, quiet=True)
+    entry = read_json(path)["1.3"]
+    assert entry["other"] == entry["correlation"] == "written meanwhile"
+    assert entry["validation"]["mean"] == rows[0]["real_mean"] and "real_mean" in entry

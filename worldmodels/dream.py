@@ -49,7 +49,7 @@ from worldmodels.evolution import EvolutionResult, evolve, is_finished
 from worldmodels.mdrnn import MDRNN
 from worldmodels.parallel import InlineExecutor, cpu_count, one_torch_thread
 from worldmodels.runs import (
-    BEST_WEIGHTS, DONE_FILE, DREAM_STARTS, DREAM_SUMMARY, RunDir, RunDirError, as_run_dir, load_mdrnn, load_vae, open_npz, read_json,
+    BEST_WEIGHTS, DONE_FILE, DREAM_STARTS, DREAM_SUMMARY, ES_CHECKPOINT, RunDir, RunDirError, as_run_dir, load_mdrnn, load_vae, open_npz, read_json,
     save_npz, write_json,
 )
 from worldmodels.tasks import Task, make_tasks
@@ -527,13 +527,13 @@ def train_controller_in_dream(
             return DreamResult(params, tau, score, None)
     entry = (read_json(summary_path) if summary_path.exists() else {}).get(key, {})
     real_max_steps = cfg.eval.max_steps if real_max_steps is None else real_max_steps
+    update: dict[str, Any] = dict(temperature=tau, dream_return=score, generations=generation)
     if evaluate_real and "real_mean" not in entry:
-        entry.update(_evaluate_real(cfg, run, params, real_max_steps))
-    entry.update(temperature=tau, dream_return=score, generations=generation)
-    # Read again just before writing: the evaluation is long, and the runs at other
-    # temperatures (or a correlation measured meanwhile) write to the same record.
+        update.update(_evaluate_real(cfg, run, params, real_max_steps))
+    # Read again just before writing, and write only this call's fields: the evaluation is long,
+    # and other processes (other temperatures, a correlation) write to the same record meanwhile.
     summary = read_json(summary_path) if summary_path.exists() else {}
-    summary[key] = {**summary.get(key, {}), **entry}
+    entry = summary[key] = {**summary.get(key, {}), **update}
     write_json(summary_path, summary)
     real = {k: entry[k] for k in ("real_mean", "real_std", "real_episodes") if k in entry} or None
     return DreamResult(params, tau, score, real)
@@ -712,19 +712,24 @@ def recorded_correlation(
 ) -> dict[str, Any]:
     """:func:`dream_real_correlation` of `candidates` controllers drawn around the finished dream
     run at `tau` (:func:`candidates_from_checkpoint`, seed 0) on the first `real_episodes` real
-    validation tracks (:func:`real_validation_seeds`), recorded in ``controller/dream.json`` under the temperature's
-    ``correlation``: a second call with the same settings, or a shipped run (which has no CMA-ES
-    checkpoint to draw from), only reads it.
+    validation tracks (:func:`real_validation_seeds`), recorded in ``controller/dream.json`` under
+    the temperature's ``correlation``: a second call with the same settings (temperature,
+    candidates, seeds, ``eval.max_steps``, ``dream.max_steps``), or a shipped run (which has no
+    CMA-ES checkpoint to draw from), only reads it.
 
-    Returns ``temperature``, ``candidates``, ``seeds``, the lists ``dream`` and ``real`` (each
-    candidate's mean return over the seeds), ``pearson`` and ``spearman``.
+    Returns those settings, ``drawn_from`` ('checkpoint': the CMA-ES state; 'best': the best
+    controller plus isotropic noise), the lists ``dream`` and ``real`` (each candidate's mean
+    return over the seeds), ``pearson`` and ``spearman``.
     """
     run = as_run_dir(run)
     tau = check_temperature(cfg.dream.temperature if tau is None else tau)
     if candidates < 2:
         raise ValueError(f"correlation candidates must be >= 2, got {candidates}")
     seeds = real_validation_seeds(cfg, real_episodes)
-    settings = {"temperature": tau, "candidates": int(candidates), "seeds": seeds.tolist()}
+    settings = {
+        "temperature": tau, "candidates": int(candidates), "seeds": seeds.tolist(),
+        "max_steps": cfg.eval.max_steps, "dream_max_steps": cfg.dream.max_steps,
+    }
     summary_path = run.controller / DREAM_SUMMARY
     summary = read_json(summary_path) if summary_path.exists() else {}
     entry = summary.get(f"{tau:g}")
@@ -733,9 +738,10 @@ def recorded_correlation(
     recorded = entry.get("correlation")
     if recorded is not None and {k: recorded.get(k) for k in settings} == settings:
         return recorded
+    drawn_from = "checkpoint" if (run.controller / f"{dream_prefix(tau)}{ES_CHECKPOINT}").exists() else "best"
     params = candidates_from_checkpoint(run, tau, candidates)
     out = dream_real_correlation(cfg, run, params, seeds, tau=tau, workers=workers)
-    recorded = {**settings, "dream": out["dream"].tolist(), "real": out["real"].tolist(),
+    recorded = {**settings, "drawn_from": drawn_from, "dream": out["dream"].tolist(), "real": out["real"].tolist(),
                 "pearson": out["pearson"], "spearman": out["spearman"]}
     summary = read_json(summary_path)  # again: the measurement is long, and other temperatures may have finished
     summary[f"{tau:g}"]["correlation"] = recorded
@@ -749,7 +755,7 @@ def candidates_from_checkpoint(run: str | Path | RunDir, tau: float, k: int, see
     (a shipped run has none) the best controller plus isotropic noise of the last recorded
     step size, drawn from `seed`."""
     from worldmodels.evolution import load_checkpoint, read_history
-    from worldmodels.runs import ES_CHECKPOINT, HISTORY_FILE
+    from worldmodels.runs import HISTORY_FILE
 
     run, prefix = as_run_dir(run), dream_prefix(check_temperature(tau))
     checkpoint = run.controller / f"{prefix}{ES_CHECKPOINT}"
