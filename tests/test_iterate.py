@@ -493,6 +493,7 @@ def test_dream_table_and_correlation_of_an_iteration_work_on_its_m_and_dreams(fi
     for flags, expected in (
         (["--iteration", "2", "--correlation", "2"], f"error: --iteration 2: {run.path} holds 1 finished iterations"),
         (["--iteration", "1"], "error: --iteration: only with --taus or --correlation"),
+        (["--iteration", "-1", "--taus", "1.0"], "error: --iteration -1: an iteration is numbered from 1"),
     ):
         with pytest.raises(SystemExit) as exit_:
             main(["dream", "--run-dir", str(run.path), *CLI_TINY, *flags])

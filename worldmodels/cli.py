@@ -237,11 +237,11 @@ class Dream(Common):
     real_episodes: int | None = None
     """With --taus or --correlation: real validation tracks (default: cma.eval_episodes + cma.select_episodes)."""
     iteration: int = 0
-    """With --taus or --correlation: the M and dreams of iteration N of `iterate` (RUN_DIR/iterations/NN,
-    with that iteration's config); 0: the run's own."""
+    """With --taus or --correlation: the M and dreams of iteration N of `iterate` (RUN_DIR/iterations/NN),
+    with that iteration's config (other config flags than --dream.temperature do not apply); 0: the run's own."""
     correlation: int = 0
     """Instead of training: this many candidates around the dream run at --dream.temperature (from its
-    CMA-ES state) scored in the dream and on the real validation tracks; prints one JSON object with both
+    CMA-ES state, or around its best controller when it has none) scored in the dream and on the real validation tracks; prints one JSON object with both
     mean returns and their Pearson and Spearman correlation, recorded in controller/dream.json (read again
     by a second call with the same settings, and by a shipped run)."""
 
@@ -272,8 +272,11 @@ def run_dream(args: Dream) -> None:
 
 
 def _dream_run(args: Dream) -> tuple[Config, RunDir]:
-    """The config and run directory that --taus and --correlation work on: the run's (the CLI's config
-    for a new run), or with --iteration N that iteration's."""
+    """The config and run directory that --taus and --correlation work on: the CLI's config (--taus,
+    which records it in a new run) or the run's recorded one (--correlation) and the run; with
+    --iteration N, that iteration's config and folder."""
+    if args.iteration < 0:
+        raise ConfigError(f"--iteration {args.iteration}: an iteration is numbered from 1 (0: the run's own)")
     if not args.iteration:
         return (_run_config(args) if args.correlation else args.config), RunDir(args.run_dir)
     from worldmodels.iterate import IterationRun, finished_iterations
