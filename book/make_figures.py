@@ -1,4 +1,5 @@
-"""Draw the static figures of the book's Markdown pages into book/figures/ (`make book` runs it).
+"""Draw the static figures of the book's Markdown pages and of the README into book/figures/
+(`make book` runs it).
 
     python book/make_figures.py
 """
@@ -15,6 +16,7 @@ import numpy as np
 
 from worldmodels import viz
 from worldmodels.env import make_raw_env, transform_frame
+from worldmodels.runs import atomic_path
 
 FIGURES = Path(__file__).resolve().parent / "figures"
 
@@ -29,17 +31,13 @@ def raw_frame(seed: int = 3, steps: int = 60) -> np.ndarray:
     return obs
 
 
-def score_vs_cpu_hours(cores: int = 2):
-    """The shipped book run's controllers (full model, ablations) against CPU-hours, beside the paper's."""
+def score_against_compute(cores: int = 2) -> matplotlib.figure.Figure:
+    """The README's figure: the shipped book run's controllers (full model, ablations) against
+    CPU-hours on the `cores` that ran them, beside the paper's curve."""
     from worldmodels import pretrained
-    from worldmodels.ablations import ABLATIONS
+    from worldmodels.ablations import histories
 
-    run = pretrained.verify("book")
-    curves = {"full model (z, h)": (run / "controller" / "history.csv", cores)}
-    for name, ablation in ABLATIONS.items():
-        path = run / "ablations" / name / "controller" / "history.csv"
-        if path.exists():
-            curves[ablation.label] = (path, cores)
+    curves = {label: (path, cores) for label, path in histories(pretrained.verify("book")).items()}
     return viz.plot_score_vs_cpu_hours(curves)
 
 
@@ -48,10 +46,11 @@ def main() -> None:
     raw = raw_frame()
     figures = {
         "raw_vs_transformed.png": viz.raw_vs_transformed(raw, transform_frame(raw)),
-        "score_vs_cpu_hours.png": score_vs_cpu_hours(),
+        "score_vs_cpu_hours.png": score_against_compute(),
     }
     for name, fig in figures.items():
-        fig.savefig(FIGURES / name, dpi=110)
+        with atomic_path(FIGURES / name) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
         print(f"wrote {FIGURES / name}")
 
 

@@ -234,3 +234,18 @@ def test_results_of_a_controller_chosen_again_are_stale(tmp_path):
     assert current_results(run) == results
     save_controller(run.controller / "best.safetensors", np.ones(shape.n_params), shape, {"generation": "5"})
     assert current_results(run) is None  # a larger final selection chose generation 5 instead
+
+
+def test_histories_are_the_main_runs_then_each_ablations_that_has_one(tmp_path):
+    from worldmodels.ablations import ABLATIONS, MAIN_ROW, ablation_dir, histories
+    from worldmodels.runs import RunDir
+
+    run = RunDir(tmp_path / "run")
+    assert histories(run) == {}
+    for folder in (run.controller, ablation_dir(run, "z").controller):
+        folder.mkdir(parents=True)
+        (folder / "history.csv").write_text("generation\n0\n")
+    assert histories(run) == {
+        MAIN_ROW.label: run.controller / "history.csv",
+        ABLATIONS["z"].label: ablation_dir(run, "z").controller / "history.csv",
+    }

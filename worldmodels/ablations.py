@@ -289,6 +289,15 @@ def _seed_runs(main: RunDir) -> list[tuple[str, int]]:
             if (folder / name / CONFIG_FILE).exists()]
 
 
+def histories(run: str | Path | RunDir) -> dict[str, Path]:
+    """The CMA-ES learning curves of a main run and of each of its ablations that has one: the
+    row's label (the main run's first) to its ``controller/history.csv``."""
+    main = as_run_dir(run)
+    paths = {MAIN_ROW.label: main.controller / HISTORY_FILE}
+    paths.update({ablation.label: ablation_dir(main, name).controller / HISTORY_FILE for name, ablation in ABLATIONS.items()})
+    return {label: path for label, path in paths.items() if path.exists()}
+
+
 def table(run: str | Path | RunDir) -> list[dict[str, Any]]:
     """The ablation table of a main run: one dict per row (the main run first, then each ablation
     that has a run directory, then each seed run), with the paper's score, the evaluation
