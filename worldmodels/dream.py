@@ -474,6 +474,23 @@ def dream_cma(cfg: Config) -> CMAConfig:
     )
 
 
+def _dream_record(run: RunDir, tau: float) -> dict[str, Any] | None:
+    """The dream record's entry for `tau` (``controller/dream.json``), or None."""
+    path = run.controller / DREAM_SUMMARY
+    return (read_json(path) if path.exists() else {}).get(f"{tau:g}")
+
+
+def _update_dream_record(run: RunDir, tau: float, **fields: Any) -> dict[str, Any]:
+    """Merge `fields` into the dream record's entry for `tau`, read just before writing: real
+    evaluations are long, and other processes (other temperatures, a correlation) write to the
+    same record meanwhile. Returns the entry as written."""
+    path = run.controller / DREAM_SUMMARY
+    summary = read_json(path) if path.exists() else {}
+    entry = summary[f"{tau:g}"] = {**summary.get(f"{tau:g}", {}), **fields}
+    write_json(path, summary)
+    return entry
+
+
 def train_controller_in_dream(
     cfg: Config,
     run: str | Path | RunDir,
@@ -512,9 +529,6 @@ def train_controller_in_dream(
     run.bind(cfg if recorded is None else cfg.replace(**{"dream.temperature": recorded.dream.temperature}))
     out = run.controller
     prefix = dream_prefix(tau)
-    summary_path = out / DREAM_SUMMARY
-    key = f"{tau:g}"
-
     cma_cfg = dream_cma(cfg)
     if is_finished(out, cma_cfg, prefix):  # finished, perhaps shipped without its checkpoint: load
         done = read_json(out / f"{prefix}{DONE_FILE}")
@@ -525,16 +539,11 @@ def train_controller_in_dream(
         params, score, generation = result.best_params, result.best_score, result.generation
         if not result.finished:
             return DreamResult(params, tau, score, None)
-    entry = (read_json(summary_path) if summary_path.exists() else {}).get(key, {})
     real_max_steps = cfg.eval.max_steps if real_max_steps is None else real_max_steps
     update: dict[str, Any] = dict(temperature=tau, dream_return=score, generations=generation)
-    if evaluate_real and "real_mean" not in entry:
+    if evaluate_real and "real_mean" not in (_dream_record(run, tau) or {}):
         update.update(_evaluate_real(cfg, run, params, real_max_steps))
-    # Read again just before writing, and write only this call's fields: the evaluation is long,
-    # and other processes (other temperatures, a correlation) write to the same record meanwhile.
-    summary = read_json(summary_path) if summary_path.exists() else {}
-    entry = summary[key] = {**summary.get(key, {}), **update}
-    write_json(summary_path, summary)
+    entry = _update_dream_record(run, tau, **update)
     real = {k: entry[k] for k in ("real_mean", "real_std", "real_episodes") if k in entry} or None
     return DreamResult(params, tau, score, real)
 
@@ -730,11 +739,9 @@ def recorded_correlation(
         "temperature": tau, "candidates": int(candidates), "seeds": seeds.tolist(),
         "max_steps": cfg.eval.max_steps, "dream_max_steps": cfg.dream.max_steps,
     }
-    summary_path = run.controller / DREAM_SUMMARY
-    summary = read_json(summary_path) if summary_path.exists() else {}
-    entry = summary.get(f"{tau:g}")
+    entry = _dream_record(run, tau)
     if entry is None:
-        raise RunDirError(f"{summary_path}: no finished dream run at tau {tau:g} to draw candidates around")
+        raise RunDirError(f"{run.controller / DREAM_SUMMARY}: no finished dream run at tau {tau:g} to draw candidates around")
     recorded = entry.get("correlation")
     if recorded is not None and {k: recorded.get(k) for k in settings} == settings:
         return recorded
@@ -743,9 +750,7 @@ def recorded_correlation(
     out = dream_real_correlation(cfg, run, params, seeds, tau=tau, workers=workers)
     recorded = {**settings, "drawn_from": drawn_from, "dream": out["dream"].tolist(), "real": out["real"].tolist(),
                 "pearson": out["pearson"], "spearman": out["spearman"]}
-    summary = read_json(summary_path)  # again: the measurement is long, and other temperatures may have finished
-    summary[f"{tau:g}"]["correlation"] = recorded
-    write_json(summary_path, summary)
+    _update_dream_record(run, tau, correlation=recorded)
     return recorded
 
 
@@ -802,18 +807,14 @@ def temperature_table(
             cfg.replace(**{"dream.temperature": tau}), run, quiet=quiet, max_generations=max_generations,
             evaluate_real=False,
         )
-        summary_path = run.controller / DREAM_SUMMARY
-        summary = read_json(summary_path) if summary_path.exists() else {}
-        entry = summary.get(f"{tau:g}")
+        entry = _dream_record(run, tau)
         row: dict[str, Any] = {"temperature": tau, "finished": entry is not None, "dream_return": res.dream_return}
         if entry is not None:
             validation = entry.get("validation")
             if validation is None or {k: validation.get(k) for k in record} != record:
                 r = real_returns(cfg, run, res.params[None], seeds, max_steps, workers)[0]
                 validation = {**record, "mean": float(r.mean()), "std": float(r.std())}
-                summary = read_json(summary_path)  # again, after the long evaluation
-                summary[f"{tau:g}"]["validation"] = validation
-                write_json(summary_path, summary)
+                _update_dream_record(run, tau, validation=validation)
             row.update(generations=entry["generations"], real_mean=validation["mean"], real_std=validation["std"],
                        real_episodes=validation["episodes"])
         rows.append(row)
