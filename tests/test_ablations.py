@@ -221,7 +221,7 @@ def test_a_seed_run_trains_and_evaluates_at_tiny(main_run):
 
 
 def test_results_of_a_controller_chosen_again_are_stale(tmp_path):
-    from worldmodels.ablations import current_results
+    from worldmodels.evaluation import current_results
     from worldmodels.controller import ControllerShape, save_controller
 
     run = RunDir(tmp_path / "run")

@@ -13,7 +13,7 @@ FAST_CARRACING_ID = "worldmodels/CarRacing-v3"
 
 _SUBMODULES = (
     "ablations", "carracing", "checkpoint", "cli", "config", "controller", "data", "datasets", "dream", "env", "evaluation",
-    "evolution", "fit", "iterate", "mdrnn", "parallel", "prefetch", "pretrained", "quality", "rollout", "runs", "tasks", "train", "vae",
+    "evolution", "final", "fit", "iterate", "mdrnn", "parallel", "prefetch", "pretrained", "quality", "rollout", "runs", "tasks", "train", "vae",
     "viz", "webmodels", "webwidgets", "widgets",
 )
 

@@ -38,9 +38,10 @@ from typing import Any, Mapping, NamedTuple
 import numpy as np
 
 from worldmodels.config import Config
+from worldmodels.evaluation import current_results
 from worldmodels.runs import (
-    ABLATIONS_FOLDER, BEST_WEIGHTS, CONFIG_FILE, DONE_FILE, HISTORY_FILE, METRICS_FILE, RESULTS_FILE, SELECTION_FILE,
-    RunDir, as_run_dir, atomic_path, read_json, weights_metadata,
+    ABLATIONS_FOLDER, BEST_WEIGHTS, CONFIG_FILE, DONE_FILE, HISTORY_FILE, METRICS_FILE, SELECTION_FILE,
+    RunDir, as_run_dir, atomic_path, read_json,
 )
 
 
@@ -64,6 +65,9 @@ ABLATIONS: dict[str, Ablation] = {
     "untrained_m": Ablation("V and an untrained M, a = W [z, h] + b", {"mdrnn.untrained": True}, "870 ± 120 (Tallec et al.)"),
 }
 MAIN_ROW = Ablation("World Model, a = W [z, h] + b", {}, "906 ± 21")
+FINAL = "final"
+"""The name of the final stage's row (:mod:`worldmodels.final`), the run's agent once it is finished."""
+FINAL_ROW = Ablation("World Model after iterative training, a = W [z, h] + b", {}, "906 ± 21")
 
 SEEDED = {"zh": MAIN_ROW, "z_hidden": ABLATIONS["z_hidden"]}
 """The rows trained again with other training seeds, by the controller kind in their runs' names."""
@@ -174,31 +178,6 @@ def _share(main: RunDir, sub: RunDir, stage: str) -> None:
                 shutil.copyfile(src / name, tmp)
 
 
-def current_results(run: RunDir) -> dict[str, Any] | None:
-    """``run/eval/results.json``, or None when there is none or it evaluated a controller that has
-    since evolved for more generations (its ``controller_generations`` is not the number in
-    ``done.json`` or in ``history.csv``, which grows first when a run is continued) or been
-    replaced by another final selection (its ``controller_generation`` is not the one in
-    ``best.safetensors``)."""
-    from worldmodels.evolution import read_history
-
-    results_path = run.eval / RESULTS_FILE
-    if not results_path.exists():
-        return None
-    results = read_json(results_path)
-    evaluated = results.get("controller_generations")
-    done_path, history_path = run.controller / DONE_FILE, run.controller / HISTORY_FILE
-    trained = [read_json(done_path)["generations"]] if done_path.exists() else []
-    trained += [len(read_history(history_path))] if history_path.exists() else []
-    if evaluated is not None and any(t != evaluated for t in trained):
-        return None
-    best = run.controller / BEST_WEIGHTS["controller"]
-    chosen = results.get("controller_generation")
-    if chosen is not None and best.exists() and weights_metadata(best).get("generation") != str(chosen):
-        return None
-    return results
-
-
 def is_evaluated(run: str | Path | RunDir, name: str) -> bool:
     """Whether ablation `name` of the main run `run` is finished and its evaluation is current."""
     return current_results(ablation_dir(run, name)) is not None
@@ -290,17 +269,19 @@ def _seed_runs(main: RunDir) -> list[tuple[str, int]]:
 
 
 def histories(run: str | Path | RunDir) -> dict[str, Path]:
-    """The CMA-ES learning curves of a main run and of each of its ablations that has one: the
-    row's label (the main run's first) to its ``controller/history.csv``."""
+    """The CMA-ES learning curves of a main run, of its final stage and of each of its ablations
+    that has one: the row's label (the main run's first) to its ``controller/history.csv``."""
+    from worldmodels.final import FinalRun
+
     main = as_run_dir(run)
-    paths = {MAIN_ROW.label: main.controller / HISTORY_FILE}
+    paths = {MAIN_ROW.label: main.controller / HISTORY_FILE, FINAL_ROW.label: FinalRun(main).controller / HISTORY_FILE}
     paths.update({ablation.label: ablation_dir(main, name).controller / HISTORY_FILE for name, ablation in ABLATIONS.items()})
     return {label: path for label, path in paths.items() if path.exists()}
 
 
 def table(run: str | Path | RunDir) -> list[dict[str, Any]]:
-    """The ablation table of a main run: one dict per row (the main run first, then each ablation
-    that has a run directory, then each seed run), with the paper's score, the evaluation
+    """The ablation table of a main run: one dict per row (the main run first, then its final
+    stage when it has one, each ablation that has a run directory, each seed run), with the paper's score, the evaluation
     (episodes, mean, std, min, max, seconds) and the controller's compute (generations, episodes
     per generation, episodes in all with validation and final selection, seconds).
 
@@ -309,9 +290,15 @@ def table(run: str | Path | RunDir) -> list[dict[str, Any]]:
     ``z_hidden`` row have, once a seed run of theirs is evaluated, ``seed_means`` (seed 1's
     first) and ``seed_spread`` (the largest minus the smallest).
     """
+    from worldmodels.final import final_run
+
     main = as_run_dir(run)
     rows = [_row(MAIN, MAIN_ROW, main)]
     results = {MAIN: current_results(main)}
+    final = final_run(main)
+    if final is not None:
+        rows.append(_row(FINAL, FINAL_ROW, final))
+        results[FINAL] = current_results(final)
     for name, ablation in ABLATIONS.items():
         sub = ablation_dir(main, name)
         if sub.config_path.exists():

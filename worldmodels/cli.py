@@ -65,7 +65,9 @@ class Evaluate(Common):
     json: bool = False
     """Print one JSON object (returns, mean, std, min, max) instead of a readable line."""
     controller: str = "main"
-    """'main' (the run's agent, RUN_DIR/controller/best.safetensors), 'dream' (the controller trained in
+    """'main' (the run's agent: the final stage's controller, RUN_DIR/final/controller/best.safetensors
+    driving with its iteration's M, once it is finished, else 'first'), 'first' (the first controller,
+    RUN_DIR/controller/best.safetensors, evolved on the first M), 'final' (the final stage's), 'dream' (the controller trained in
     M's dream: the iteration's whose dream controller did best on the validation tracks,
     RUN_DIR/iterations/NN/controller/dream_tau{TAU}_best.safetensors, driving
     with that iteration's M, else RUN_DIR/controller/dream_tau{TAU}_best.safetensors; results in that folder's
@@ -92,7 +94,15 @@ def run_evaluate(args: Evaluate) -> None:
         pretrained.install(args.pretrained, args.run_dir)
     cfg = _run_config(args)
     run, results_file = args.run_dir, RESULTS_FILE
-    controller = None if args.controller == "main" else Path(args.controller)
+    controller = None if args.controller in ("main", "first", "final") else Path(args.controller)
+    if args.controller in ("main", "final"):  # the final stage's agent, driving with its iteration's M
+        from worldmodels.final import FinalRun, is_final_finished
+
+        if is_final_finished(args.run_dir):
+            run = FinalRun(args.run_dir)
+            cfg = run.load_config()
+        elif args.controller == "final":
+            raise RunDirError(f"{FinalRun(args.run_dir).path}: no finished final stage (python -m worldmodels final)")
     if args.controller == "dream":  # the last iteration's dream controller with its M, else the run's
         from worldmodels.iterate import dream_controller
 
@@ -202,12 +212,17 @@ def _controller_config(args: Common, scheduler: str | None, workers: int | None)
 
 
 def run_train_controller(args: TrainController) -> None:
-    from worldmodels.evolution import read_history
     from worldmodels.rollout import train_controller
 
     cfg = _controller_config(args, args.scheduler, args.workers)
     train_controller(cfg, args.run_dir, quiet=args.quiet, max_generations=args.max_generations)
-    out = RunDir(args.run_dir).controller
+    _print_evolution(RunDir(args.run_dir).controller)
+
+
+def _print_evolution(out: Path) -> None:
+    """One line on the CMA-ES run in `out`: generations, best validation mean, the final selection."""
+    from worldmodels.evolution import read_history
+
     history = read_history(out / HISTORY_FILE)
     validated = [r for r in history if r["val_mean"] is not None]
     line = f"{len(history)} generations in {out}"
@@ -317,6 +332,33 @@ def run_iterate(args: Iterate) -> None:
 
 
 @dataclasses.dataclass
+class Final(Common):
+    """The final stage: evolve C again in CarRacing on an iteration's M, starting from its dream
+    controller, with these --cma.* settings, in RUN_DIR/final (resumes); then evaluate it. It becomes the run's agent."""
+
+    iteration: int = 0
+    """The iteration whose M and dream controller to start from (0: the one whose dream controller
+    scored best on the validation tracks)."""
+    scheduler: str | None = None
+    """Dask scheduler address, tcp://host:8786 (default: cma.scheduler; empty: local processes)."""
+    workers: int | None = None
+    """Local worker processes (default: cma.workers; 0: one per core)."""
+    max_generations: int | None = None
+    """Stop after this many generations in total (with a checkpoint); run again to resume."""
+
+
+def run_final(args: Final) -> None:
+    from worldmodels.final import FinalRun, train_final
+
+    cfg = _controller_config(args, args.scheduler, args.workers)
+    results = train_final(cfg, args.run_dir, args.iteration, quiet=args.quiet, max_generations=args.max_generations)
+    _print_evolution(FinalRun(args.run_dir).controller)
+    if results is not None:
+        print(f"{results['episodes']} evaluation episodes: {results['mean']:.1f} +- {results['std']:.1f} "
+              f"(min {results['min']:.1f}, max {results['max']:.1f})")
+
+
+@dataclasses.dataclass
 class Ablations(Common):
     """The paper's ablations of the run in RUN_DIR at its CMA-ES budget (V only, V only with a
     hidden layer, an untrained M), each in RUN_DIR/ablations/NAME, evaluated like the run; prints the table."""
@@ -396,6 +438,7 @@ COMMANDS: dict[str, tuple[type[Common], Callable]] = {
     "train-controller": (TrainController, run_train_controller),
     "dream": (Dream, run_dream),
     "iterate": (Iterate, run_iterate),
+    "final": (Final, run_final),
     "evaluate": (Evaluate, run_evaluate),
     "record": (Record, run_record),
     "ablations": (Ablations, run_ablations),

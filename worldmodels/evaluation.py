@@ -30,9 +30,11 @@ from worldmodels.rollout import (
     rollout_task,
     rollout_worker,
 )
+from worldmodels.evolution import read_history
 from worldmodels.runs import (
     BEST_WEIGHTS,
     DONE_FILE,
+    HISTORY_FILE,
     RESULTS_FILE,
     RunDir,
     RunDirError,
@@ -183,6 +185,30 @@ def evaluate_run(
             out["controller_generation"] = int(chosen)
     write_json(run.eval / results_file, out)
     return out
+
+
+def current_results(run: RunDir) -> dict[str, Any] | None:
+    """``run/eval/results.json``, or None when there is none or it evaluated a controller that has
+    since evolved for more generations (its ``controller_generations`` is not the number in
+    ``done.json`` or in ``history.csv``, which grows first when a run is continued) or been
+    replaced by another final selection (its ``controller_generation`` is not the one in
+    ``best.safetensors``)."""
+    results_path = run.eval / RESULTS_FILE
+    if not results_path.exists():
+        return None
+    results = read_json(results_path)
+    evaluated = results.get("controller_generations")
+    done_path, history_path = run.controller / DONE_FILE, run.controller / HISTORY_FILE
+    trained = [read_json(done_path)["generations"]] if done_path.exists() else []
+    trained += [len(read_history(history_path))] if history_path.exists() else []
+    if evaluated is not None and any(t != evaluated for t in trained):
+        return None
+    best = run.controller / BEST_WEIGHTS["controller"]
+    chosen = results.get("controller_generation")
+    if chosen is not None and best.exists() and weights_metadata(best).get("generation") != str(chosen):
+        return None
+    return results
+
 
 
 # --- videos -----------------------------------------------------------------------------

@@ -455,12 +455,20 @@ def dream_controller(cfg: Config, run: str | Path | RunDir, tau: float | None = 
     ``dream.temperature``.
     """
     run = as_run_dir(run)
+    index = best_dream_iteration(run)
+    if index:
+        view = IterationRun(run, index, cfg)
+        return view, dream_controller_path(view, cfg.dream.temperature if tau is None else tau)
+    return run, dream_controller_path(run, tau)
+
+
+def best_dream_iteration(run: str | Path | RunDir) -> int:
+    """Of the finished iterations that evolved C in the dream, the one whose controller scored
+    best on the real validation tracks of its ``score`` step (the latest of equals); 0 when none did."""
+    run = as_run_dir(run)
     scored = []
     for index in range(1, finished_iterations(run) + 1):
         record = read_json(iteration_folder(run, index) / RECORD_FILE)
         if record.get("controller", {}).get("mode") == "dream":
             scored.append((record["score"]["new"]["mean"], index))
-    if scored:
-        view = IterationRun(run, max(scored)[1], cfg)
-        return view, dream_controller_path(view, cfg.dream.temperature if tau is None else tau)
-    return run, dream_controller_path(run, tau)
+    return max(scored)[1] if scored else 0

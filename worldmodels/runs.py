@@ -46,6 +46,7 @@ RESULTS_FILE = "results.json"  # eval/: the evaluation on the unseen tracks
 DREAM_RESULTS_FILE = "dream_results.json"  # eval/: the dream-trained controller's evaluation on them
 ABLATIONS_FOLDER = "ablations"  # one run directory per ablation: ablations/NAME/
 ITERATIONS_FOLDER = "iterations"  # one folder per iteration: iterations/01/, iterations/02/, ...
+FINAL_FOLDER = "final"  # the final stage: C evolved in CarRacing on an iteration's M (a run directory)
 RECORD_FILE = "record.json"  # iterations/NN/: the iteration's record, step by step
 
 

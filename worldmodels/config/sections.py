@@ -335,6 +335,9 @@ class IterateConfig(_Section):
     """``mdrnn.reward_overprediction`` of the iterations' M (0: the run's own)."""
     score_episodes: int = _bounded(16, 1, 100_000)
     """Real episodes scoring each iteration's controller, on the CMA-ES validation tracks (never eval's)."""
+    final_iteration: int = _bounded(0, 0, 99)
+    """In the config of the final stage (``RUN/final``, see :mod:`worldmodels.final`): the iteration
+    whose M the agent drives with and whose dream controller its CMA-ES starts from (0: a run's own config)."""
 
     _section = "iterate"
     _choices = {"controller": ("dream", "real")}

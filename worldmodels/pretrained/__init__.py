@@ -5,8 +5,10 @@ chapter can copy it into ``runs/NAME`` and go on from there) with only what a re
 needs: the config, V's, M's and C's weights (float16 where that does not change the
 score), the training metrics and the evaluation results, the dataset's manifest
 (per-episode seeds, lengths and returns), the start latents of the dreams and the
-results of training C in the dream, and ``manifest.json`` with the SHA-256 of every
-file, checked on load. The dataset itself is not shipped: any episode is regenerated
+results of training C in the dream, the iterations' and the final stage's records and
+weights, and ``manifest.json`` with the SHA-256 of every file, checked on load. The agent
+:func:`load` returns is the run's (:func:`worldmodels.final.agent_run`): the final stage's once
+the run has one, else its first controller with its first M. The dataset itself is not shipped: any episode is regenerated
 from its seed when needed (:func:`worldmodels.data.dataset_episodes`).
 
 >>> import worldmodels as wm
@@ -28,7 +30,8 @@ from worldmodels.config import Config
 from worldmodels.runs import (
     ABLATIONS_FOLDER, BEST_WEIGHTS, CONFIG_FILE, DONE_FILE, DREAM_RESULTS_FILE, DREAM_SUMMARY, HISTORY_FILE,
     MANIFEST_FILE, METRICS_FILE, RECORD_FILE, RESULTS_FILE, SELECTION_FILE, RunDir, as_run_dir, file_sha256,
-    iteration_folder, load_tensors, read_json, reading, save_tensors, weights_metadata, write_bytes, write_json,
+    FINAL_FOLDER, iteration_folder, load_tensors, read_json, reading, save_tensors, weights_metadata, write_bytes,
+    write_json,
 )
 
 ROOT = Path(__file__).resolve().parent
@@ -85,6 +88,12 @@ final selection and evaluation. V is the run's own, and an untrained M is rebuil
 config's seed, so no other weights are needed."""
 
 
+FINAL_FILES = ABLATION_FILES
+"""Files of a finished final stage (``final/``, see :mod:`worldmodels.final`), the run's agent:
+its config, controller, CMA-ES history, final selection and evaluation. V is the run's and M
+is its iteration's, both shipped already."""
+
+
 ITERATION_FILES = (
     RECORD_FILE,
     DONE_FILE,
@@ -119,11 +128,14 @@ class Pretrained:
     path: Path
     config: Config
     agent: Any
-    """A :class:`worldmodels.rollout.Agent` with V and M (M only for the 'zh' controller)."""
+    """The run's agent (:func:`worldmodels.final.agent_run`: the final stage's once it is finished),
+    a :class:`worldmodels.rollout.Agent` with V and M (M only for the 'zh' controller)."""
     params: np.ndarray
-    """The controller's flat parameter vector."""
+    """Its controller's flat parameter vector."""
     results: dict | None
-    """``eval/results.json``: the evaluation with the paper's protocol, when shipped."""
+    """Its ``eval/results.json``: the evaluation with the paper's protocol, when shipped."""
+    agent_path: Path | None = None
+    """The run directory the agent's controller and evaluation are in (``path``, or ``path/final``)."""
 
 
 def available(root: Path = ROOT) -> list[str]:
@@ -160,20 +172,20 @@ def _checksums(manifest_path: Path) -> dict[str, str]:
 def load(name: str = "book", device: str = "cpu", root: Path = ROOT) -> Pretrained:
     """Load shipped run `name` (checksums checked; safetensors only, no pickle)."""
     from worldmodels.controller import load_controller
+    from worldmodels.final import agent_run
     from worldmodels.rollout import Agent
 
     folder = verify(name, root)
-    run = RunDir(folder)
-    config = run.load_config()
+    run, config = agent_run(folder)
     agent = Agent.from_run(run, config)
     if device != "cpu":
         agent.vae.to(device)
         if agent.mdrnn is not None:
             agent.mdrnn.to(device)
-    params = load_controller(folder / CONTROLLER).params
-    results_path = folder / RESULTS
+    params = load_controller(run.path / CONTROLLER).params
+    results_path = run.path / RESULTS
     results = read_json(results_path) if results_path.exists() else None
-    return Pretrained(name, folder, config, agent, params, results)
+    return Pretrained(name, folder, config, agent, params, results, run.path)
 
 
 def install(name: str, run: str | Path | RunDir, root: Path = ROOT) -> RunDir:
@@ -208,6 +220,7 @@ def export(
     The manifest is written last, so an interrupted export is never loadable.
     """
     from worldmodels.dream import STARTS_FILE, save_initial_latents
+    from worldmodels.final import FinalRun, is_final_finished
     from worldmodels.iterate import IterationRun, finished_iterations
 
     run = as_run_dir(run)
@@ -231,9 +244,11 @@ def export(
     iterations = [
         iteration_folder(run, k).relative_to(run.path).as_posix() for k in range(1, finished_iterations(run) + 1)
     ]
+    final = is_final_finished(run)
     patterns = [
         *RECORDS, *(f"{a}/{f}" for a in ablations for f in ABLATION_FILES),
         *(f"{i}/{f}" for i in iterations for f in ITERATION_FILES),
+        *(f"{FINAL_FOLDER}/{f}" for f in FINAL_FILES if final),
     ]
     for pattern in patterns:
         for path in sorted(run.path.glob(pattern)):
@@ -247,29 +262,34 @@ def export(
         save_initial_latents(IterationRun(run, k, cfg), folder / rel / STARTS_FILE)
         files.append(f"{rel}/{STARTS_FILE}")
     if evaluate:
-        _evaluate_shipped(folder, run.path / RESULTS)
-        if RESULTS not in files:  # the run had no evaluation of its own
-            files.append(RESULTS)
+        for shipped, own in ((RunDir(folder), run), *(((FinalRun(folder), FinalRun(run)),) if final else ())):
+            _evaluate_shipped(shipped, own.path / RESULTS, folder)
+            rel = (shipped.path / RESULTS).relative_to(folder).as_posix()
+            if rel not in files:  # the run had no evaluation of its own
+                files.append(rel)
     write_json(folder / MANIFEST, {"name": name, "sha256": {rel: file_sha256(folder / rel) for rel in files}})
     return folder
 
 
-def _evaluate_shipped(folder: Path, run_results: Path) -> None:
-    """Evaluate the weights in `folder` (a run layout) into its eval/results.json, checked
-    against the run's own evaluation `run_results` where it has one of the same tracks; when
-    they agree, the run's evaluation (and the wall time it took) is the one shipped."""
+def _evaluate_shipped(shipped: RunDir, run_results: Path, folder: Path) -> None:
+    """Evaluate the weights of `shipped` (the shipped run in `folder`, or its final stage) into
+    its eval/results.json, checked against the run's own evaluation `run_results` where it has
+    one of the same tracks; when they agree, the run's evaluation (and the wall time it took)
+    is the one shipped."""
     from worldmodels.evaluation import evaluate_run
 
-    shipped = evaluate_run(folder)
+    path = shipped.path / RESULTS
+    results = evaluate_run(shipped)
     own = read_json(run_results) if run_results.exists() else {}
-    same_protocol = own.get("seeds") == shipped["seeds"] and own.get("max_steps") == shipped["max_steps"]
-    if same_protocol and own.get("returns") != shipped["returns"]:
+    same_protocol = own.get("seeds") == results["seeds"] and own.get("max_steps") == results["max_steps"]
+    if same_protocol and own.get("returns") != results["returns"]:
         raise ValueError(
-            f"{folder / RESULTS}: the shipped weights score {shipped['mean']:.1f} on the tracks "
+            f"{path}: the shipped weights score {results['mean']:.1f} on the tracks "
             f"where {run_results} has {own['mean']:.1f}; they do not drive like the run's (see HALF)"
         )
-    results = {**shipped, **own} if same_protocol else shipped
-    write_json(folder / RESULTS, {**results, "controller": CONTROLLER})
+    results = {**results, **own} if same_protocol else results
+    controller = (shipped.path / CONTROLLER).relative_to(folder).as_posix()
+    write_json(path, {**results, "controller": controller})
 
 
 def _same_safetensors(a: bytes, b: bytes) -> bool:
@@ -278,4 +298,4 @@ def _same_safetensors(a: bytes, b: bytes) -> bool:
     return json.loads(a[8 : 8 + n]) == json.loads(b[8 : 8 + m]) and a[8 + n :] == b[8 + m :]
 
 
-__all__ = ["ABLATION_FILES", "ChecksumError", "Pretrained", "available", "export", "install", "load", "verify"]
+__all__ = ["ABLATION_FILES", "FINAL_FILES", "ChecksumError", "Pretrained", "available", "export", "install", "load", "verify"]
