@@ -32,13 +32,12 @@ def raw_frame(seed: int = 3, steps: int = 60) -> np.ndarray:
 
 
 def score_against_compute(cores: int = 2) -> matplotlib.figure.Figure:
-    """The README's figure: the shipped book run's controllers (full model, ablations) against
+    """The README's figure: the shipped book run's controllers (full model, final stage, ablations) against
     CPU-hours on the `cores` that ran them, beside the paper's curve."""
     from worldmodels import pretrained
-    from worldmodels.ablations import histories
+    from worldmodels.ablations import compute_curves
 
-    curves = {label: (path, cores) for label, path in histories(pretrained.verify("book")).items()}
-    return viz.plot_score_vs_cpu_hours(curves)
+    return viz.plot_score_vs_cpu_hours(compute_curves(pretrained.verify("book"), cores))
 
 
 def main() -> None:

@@ -424,16 +424,18 @@ def test_temperature_table_trains_each_tau_and_scores_it_on_validation_tracks(fa
     assert table[0] == "| tau | generations | dream return | real return (2 validation tracks) |"
     assert table[2 + rows.index(best)].endswith(f"| **{best['real_mean']:.1f} ± {best['real_std']:.1f}** |")
 
-    k = candidates_from_checkpoint(run, 1.15, 5, seed=1)
-    assert k.shape == (5, ControllerShape.from_config(cfg).n_params) and len(np.unique(k[:, 0])) == 5
-    np.testing.assert_array_equal(k, candidates_from_checkpoint(run, 1.15, 5, seed=1))  # the checkpoint is untouched
+    k, drawn_from = candidates_from_checkpoint(run, 1.15, 5, seed=1)
+    assert drawn_from == "checkpoint" and k.shape == (5, ControllerShape.from_config(cfg).n_params) and len(np.unique(k[:, 0])) == 5
+    np.testing.assert_array_equal(k, candidates_from_checkpoint(run, 1.15, 5, seed=1)[0])  # the checkpoint is untouched
     (run.controller / "dream_tau1.15_es.pkl").unlink()  # a shipped run: around the best, at the last sigma
     from worldmodels.controller import load_controller
     from worldmodels.evolution import read_history
 
     best_params = load_controller(run.controller / "dream_tau1.15_best.safetensors").params
     sigma = read_history(run.controller / "dream_tau1.15_history.csv")[-1]["sigma"]
-    np.testing.assert_allclose(candidates_from_checkpoint(run, 1.15, 3, seed=2),
+    around_best, drawn_from = candidates_from_checkpoint(run, 1.15, 3, seed=2)
+    assert drawn_from == "best"
+    np.testing.assert_allclose(around_best,
                                best_params + sigma * np.random.default_rng(2).standard_normal((3, len(best_params))))
 
 
@@ -467,7 +469,7 @@ def test_recorded_correlation_is_measured_once_then_read(fake_run, monkeypatch):
     with pytest.raises(RunDirError, match=r"dream\.json: no finished dream run at tau 1\.3"):
         dream.recorded_correlation(cfg, run, candidates=3, real_episodes=2, tau=1.3)
     train_controller_in_dream(cfg.replace(**{"dream.temperature": 1.3}), run, quiet=True, evaluate_real=False)
-    params = dream.candidates_from_checkpoint(run, 1.3, 3)
+    params, _ = dream.candidates_from_checkpoint(run, 1.3, 3)
     expected = dream.dream_real_correlation(cfg, run, params, dream.real_validation_seeds(cfg, 2), tau=1.3, workers=1)
 
     measure = dream.dream_real_correlation

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from worldmodels import pretrained
-from worldmodels.ablations import FINAL_ROW, histories, table
+from worldmodels.ablations import FINAL_ROW, compute_curves, histories, table
 from worldmodels.cli import main
 from worldmodels.config import ConfigError, preset
 from worldmodels.controller import ControllerShape, load_controller, save_controller
 from worldmodels.evaluation import evaluate_run
 from worldmodels.evolution import read_history
-from worldmodels.final import FinalRun, agent_run, is_final_finished, train_final
+from worldmodels.final import FinalRun, agent_run, controller_seconds, is_final_finished, train_final
 from worldmodels.mdrnn import MDRNN
 from worldmodels.rollout import Agent
 from worldmodels.runs import (
@@ -129,6 +129,12 @@ def test_export_ships_the_final_stage_as_the_runs_agent(iterated, tmp_path):
     difference = np.mean(np.subtract(own["returns"], first["returns"]))
     assert rows["final"]["vs_full"].difference == pytest.approx(difference) and rows["final"]["generations"] == 2
     assert histories(run)[FINAL_ROW.label] == FinalRun(run).controller / "history.csv"
+    seconds = controller_seconds(run)
+    curves = compute_curves(run, 2)
+    assert curves[FINAL_ROW.label][2] == pytest.approx(2 * (seconds["iteration 1"] + seconds["iteration 2"]) / 3600)
+    assert list(seconds) == ["iteration 1", "iteration 2", "final"]  # the fake run's first controller has no history
+    final_history = read_history(FinalRun(run).controller / "history.csv")
+    assert seconds["final"] == pytest.approx(sum(h["seconds"] for h in final_history)) and seconds["iteration 1"] == 0.0
     root = tmp_path / "shipped"
     folder = pretrained.export(run, "tiny", evaluate=True, root=root)
     manifest = json.loads((folder / pretrained.MANIFEST).read_text())["sha256"]

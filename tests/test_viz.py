@@ -238,4 +238,6 @@ def test_score_against_cpu_hours_beside_the_papers_curve(tmp_path):
     np.testing.assert_allclose(paper.get_ydata(), [822.9, 880.0, 900.46])
     assert [line.get_marker() for line in ax.lines[2:]] == ["o", "^", "o"]  # >= 880 is a lower bound
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["book", "paper (64 cores)"]
+    later = viz.plot_score_vs_cpu_hours({"started after 3 CPU-hours": (history, 2, 3.0)}).axes[0].lines[0]
+    np.testing.assert_allclose(later.get_xdata(), [3.04, 3.08])  # a run that began from another's controller
     plt.close(fig)

@@ -279,6 +279,21 @@ def histories(run: str | Path | RunDir) -> dict[str, Path]:
     return {label: path for label, path in paths.items() if path.exists()}
 
 
+def compute_curves(run: str | Path | RunDir, cores: int) -> dict[str, tuple[Path, int, float]]:
+    """:func:`histories` as the curves of :func:`worldmodels.viz.plot_score_vs_cpu_hours`: each
+    row's (history, `cores`, the CPU-hours it starts at). The final stage starts after the
+    controllers it grew from (:func:`worldmodels.final.controller_seconds`: the first one and the
+    iterations'), every other row at 0."""
+    from worldmodels.final import controller_seconds
+
+    seconds = controller_seconds(run)
+    before_final = sum(v for k, v in seconds.items() if k != "final") / 3600 * cores
+    return {
+        label: (path, cores, before_final if label == FINAL_ROW.label else 0.0)
+        for label, path in histories(run).items()
+    }
+
+
 def table(run: str | Path | RunDir) -> list[dict[str, Any]]:
     """The ablation table of a main run: one dict per row (the main run first, then its final
     stage when it has one, each ablation that has a run directory, each seed run), with the paper's score, the evaluation

@@ -745,8 +745,7 @@ def recorded_correlation(
     recorded = entry.get("correlation")
     if recorded is not None and {k: recorded.get(k) for k in settings} == settings:
         return recorded
-    drawn_from = "checkpoint" if (run.controller / f"{dream_prefix(tau)}{ES_CHECKPOINT}").exists() else "best"
-    params = candidates_from_checkpoint(run, tau, candidates)
+    params, drawn_from = candidates_from_checkpoint(run, tau, candidates)
     out = dream_real_correlation(cfg, run, params, seeds, tau=tau, workers=workers)
     recorded = {**settings, "drawn_from": drawn_from, "dream": out["dream"].tolist(), "real": out["real"].tolist(),
                 "pearson": out["pearson"], "spearman": out["spearman"]}
@@ -754,11 +753,13 @@ def recorded_correlation(
     return recorded
 
 
-def candidates_from_checkpoint(run: str | Path | RunDir, tau: float, k: int, seed: int = 0) -> np.ndarray:
-    """`k` controllers (k, P) around the dream run at `tau`, as CMA-ES would sample them: from
-    its saved CMA-ES state (``dream_tau{tau}_es.pkl``, left unchanged) when there is one; else
-    (a shipped run has none) the best controller plus isotropic noise of the last recorded
-    step size, drawn from `seed`."""
+def candidates_from_checkpoint(
+    run: str | Path | RunDir, tau: float, k: int, seed: int = 0
+) -> tuple[np.ndarray, str]:
+    """`k` controllers (k, P) around the dream run at `tau`, as CMA-ES would sample them, and
+    where they were drawn from: from its saved CMA-ES state (``dream_tau{tau}_es.pkl``, left
+    unchanged) when there is one ('checkpoint'); else (a shipped run has none) the best
+    controller plus isotropic noise of the last recorded step size, drawn from `seed` ('best')."""
     from worldmodels.evolution import load_checkpoint, read_history
     from worldmodels.runs import HISTORY_FILE
 
@@ -767,11 +768,11 @@ def candidates_from_checkpoint(run: str | Path | RunDir, tau: float, k: int, see
     if checkpoint.exists():
         es = load_checkpoint(checkpoint).es
         es.opts["randn"].rng = np.random.RandomState(seed)
-        return np.asarray(es.ask(k), np.float64)
+        return np.asarray(es.ask(k), np.float64), "checkpoint"
     best = load_controller(dream_controller_path(run, tau)).params
     history = read_history(run.controller / f"{prefix}{HISTORY_FILE}")
     sigma = history[-1]["sigma"]
-    return best + sigma * np.random.default_rng(seed).standard_normal((k, len(best)))
+    return best + sigma * np.random.default_rng(seed).standard_normal((k, len(best))), "best"
 
 
 def temperature_table(

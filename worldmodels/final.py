@@ -111,6 +111,30 @@ def agent_run(run: str | Path | RunDir) -> tuple[RunDir, Config]:
     return run, cfg
 
 
+def controller_seconds(run: str | Path | RunDir) -> dict[str, float]:
+    """The wall seconds of CMA-ES behind the run's agent, by controller: ``first`` (the run's own
+    controller stage, in CarRacing), ``iteration K`` for each finished iteration (its controller
+    step: in M's dream or in CarRacing) and ``final`` when the run has a final stage; the sum of
+    each one's recorded generations (a final selection's time is not recorded)."""
+    from worldmodels.evolution import read_history
+    from worldmodels.iterate import finished_iterations
+    from worldmodels.runs import HISTORY_FILE, RECORD_FILE, read_json
+
+    run = as_run_dir(run)
+    seconds: dict[str, float] = {}
+    sources = [("first", run.controller / HISTORY_FILE)]
+    final = FinalRun(run)
+    for index in range(1, finished_iterations(run) + 1):
+        record = read_json(iteration_folder(run, index) / RECORD_FILE)
+        seconds[f"iteration {index}"] = float(record.get("controller", {}).get("seconds") or 0.0)
+    sources.append(("final", final.controller / HISTORY_FILE))
+    for name, path in sources:
+        if path.exists():
+            seconds[name] = float(sum(row["seconds"] or 0.0 for row in read_history(path)))
+    order = ["first", *[k for k in seconds if k.startswith("iteration")], "final"]
+    return {k: seconds[k] for k in order if k in seconds}
+
+
 def train_final(
     cfg: Config,
     run: str | Path | RunDir,
@@ -160,4 +184,4 @@ def train_final(
     return results if results is not None else evaluate_run(final, final_cfg)
 
 
-__all__ = ["FinalRun", "agent_run", "final_config", "final_run", "is_final_finished", "start_controller", "train_final"]
+__all__ = ["FinalRun", "agent_run", "controller_seconds", "final_config", "final_run", "is_final_finished", "start_controller", "train_final"]

@@ -340,11 +340,14 @@ def cpu_hours(days: float, cores: int) -> float:
     return days * 24 * cores
 
 
-def score_vs_cpu_hours(history: list[dict] | str | Path, cores: int) -> tuple[np.ndarray, np.ndarray]:
+def score_vs_cpu_hours(
+    history: list[dict] | str | Path, cores: int, start_hours: float = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
     """A controller's learning curve in compute: (CPU-hours, validation mean) at each validated generation.
 
     `history` is a run's ``history.csv`` (or its rows, :func:`worldmodels.evolution.read_history`);
-    CPU-hours are the cumulative wall seconds / 3600 times `cores`, the cores that ran it.
+    CPU-hours are `start_hours` (the compute of the controllers it started from, if any) plus the
+    cumulative wall seconds / 3600 times `cores`, the cores that ran it.
     """
     from worldmodels.evolution import read_history
 
@@ -352,14 +355,15 @@ def score_vs_cpu_hours(history: list[dict] | str | Path, cores: int) -> tuple[np
         raise ValueError(f"cores = {cores}: the cores that ran the history must be 1 or more")
     rows = read_history(history) if isinstance(history, (str, Path)) else history
     validated = [r for r in rows if r.get("val_mean") is not None]
-    hours = np.array([r["cumulative_seconds"] / 3600 * cores for r in validated], dtype=float)
+    hours = np.array([start_hours + r["cumulative_seconds"] / 3600 * cores for r in validated], dtype=float)
     return hours, np.array([r["val_mean"] for r in validated], dtype=float)
 
 
-def plot_score_vs_cpu_hours(runs: Mapping[str, tuple[list[dict] | str | Path, int]], ax=None):
+def plot_score_vs_cpu_hours(runs: Mapping[str, tuple], ax=None):
     """Validation mean against CPU-hours (log scale) of each run, beside the paper's curve.
 
-    `runs` maps a label to (its history, the cores that ran it); see :func:`score_vs_cpu_hours`.
+    `runs` maps a label to (its history, the cores that ran it) or (its history, cores, the
+    CPU-hours it starts at); see :func:`score_vs_cpu_hours`.
     The paper's points (:data:`PAPER_CURVE`, on :data:`PAPER_CORES` cores) are labelled with their
     generation; the one the log gives as a lower bound is drawn as an upward triangle.
     """
@@ -369,8 +373,8 @@ def plot_score_vs_cpu_hours(runs: Mapping[str, tuple[list[dict] | str | Path, in
         fig, ax = plt.subplots(figsize=(6.4, 3.6))
     else:
         fig = ax.figure
-    for label, (history, cores) in runs.items():
-        hours, scores = score_vs_cpu_hours(history, cores)
+    for label, curve in runs.items():
+        hours, scores = score_vs_cpu_hours(*curve)
         ax.plot(hours, scores, marker=".", label=label)
     x = [cpu_hours(p.days, PAPER_CORES) for p in PAPER_CURVE]
     y = [p.score for p in PAPER_CURVE]
