@@ -113,26 +113,26 @@ def agent_run(run: str | Path | RunDir) -> tuple[RunDir, Config]:
 
 def controller_seconds(run: str | Path | RunDir) -> dict[str, float]:
     """The wall seconds of CMA-ES behind the run's agent, by controller: ``first`` (the run's own
-    controller stage, in CarRacing), ``iteration K`` for each finished iteration (its controller
-    step: in M's dream or in CarRacing) and ``final`` when the run has a final stage; the sum of
-    each one's recorded generations (a final selection's time is not recorded)."""
+    controller stage, in CarRacing), ``iteration K`` for each iteration the agent grew from (its
+    controller step, in M's dream or in CarRacing: every finished iteration, or with a final stage
+    those up to its ``iterate.final_iteration``) and ``final``; each the sum of its recorded
+    generations (a final selection's time is not recorded)."""
     from worldmodels.evolution import read_history
     from worldmodels.iterate import finished_iterations
     from worldmodels.runs import HISTORY_FILE, RECORD_FILE, read_json
 
     run = as_run_dir(run)
+    final = final_run(run)
+    last = final.load_config().iterate.final_iteration if final is not None else finished_iterations(run)
     seconds: dict[str, float] = {}
-    sources = [("first", run.controller / HISTORY_FILE)]
-    final = FinalRun(run)
-    for index in range(1, finished_iterations(run) + 1):
+    if (run.controller / HISTORY_FILE).exists():
+        seconds["first"] = sum(row["seconds"] or 0.0 for row in read_history(run.controller / HISTORY_FILE))
+    for index in range(1, last + 1):
         record = read_json(iteration_folder(run, index) / RECORD_FILE)
         seconds[f"iteration {index}"] = float(record.get("controller", {}).get("seconds") or 0.0)
-    sources.append(("final", final.controller / HISTORY_FILE))
-    for name, path in sources:
-        if path.exists():
-            seconds[name] = float(sum(row["seconds"] or 0.0 for row in read_history(path)))
-    order = ["first", *[k for k in seconds if k.startswith("iteration")], "final"]
-    return {k: seconds[k] for k in order if k in seconds}
+    if final is not None and (final.controller / HISTORY_FILE).exists():
+        seconds["final"] = sum(row["seconds"] or 0.0 for row in read_history(final.controller / HISTORY_FILE))
+    return {k: float(v) for k, v in seconds.items()}
 
 
 def train_final(
