@@ -152,6 +152,14 @@ def test_chapter_prose_agrees_with_its_outputs(path):
     assert not found, "\n".join(found)
 
 
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
+def test_each_value_is_glued_once(path):
+    # myst-nb warns on a key glued twice in a notebook, and the book builds with -W: the build fails
+    names = [out["metadata"]["scrapbook"]["name"] for cell in read_notebook(path)["cells"] if cell["cell_type"] == "code"
+             for out in cell.get("outputs", []) if "scrapbook" in out.get("metadata", {})]
+    assert sorted({n for n in names if names.count(n) > 1}) == []
+
+
 @pytest.mark.parametrize("path", PAGES, ids=lambda p: p.name)
 def test_page_pastes_only_glued_values(path):
     lookup = _glued_in(path.parent)
