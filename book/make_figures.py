@@ -35,9 +35,9 @@ def score_against_compute(cores: int = 2) -> matplotlib.figure.Figure:
     """The README's figure: the shipped book run's controllers (full model, final stage, ablations) against
     CPU-hours on the `cores` that ran them, beside the paper's curve."""
     from worldmodels import pretrained
-    from worldmodels.ablations import compute_curves
+    from worldmodels.ablations import cpu_hour_curves
 
-    return viz.plot_score_vs_cpu_hours(compute_curves(pretrained.verify("book"), cores))
+    return viz.plot_score_vs_cpu_hours(cpu_hour_curves(pretrained.verify("book"), cores))
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from worldmodels import pretrained
-from worldmodels.ablations import FINAL_ROW, compute_curves, histories, table
+from worldmodels.ablations import FINAL_ROW, MAIN_ROW, cpu_hour_curves, histories, table
 from worldmodels.cli import main
 from worldmodels.config import ConfigError, preset
 from worldmodels.controller import ControllerShape, load_controller, save_controller
@@ -46,6 +46,7 @@ def fake_iteration(run, index, cfg, score, seed):
 def iterated(fake_run):
     """A finished tiny run (random stand-ins) with two finished iterations; the second's dream controller scored best."""
     run = fake_run(CFG, controller=True)
+    (run.controller / "history.csv").write_text("generation,val_mean,seconds\n0,1.0,72\n1,2.0,108\n")  # the first controller's
     params = [fake_iteration(run, k, CFG, score, k) for k, score in ((1, 10.0), (2, 30.0))]
     return run, params
 
@@ -64,14 +65,19 @@ def test_the_final_stage_drives_with_the_iterations_M_and_starts_from_its_dream_
     assert all(torch.equal(agent.mdrnn.state_dict()[k], v) for k, v in iteration_m.items())
     run_m = load_tensors(run.mdrnn / BEST_WEIGHTS["mdrnn"])
     assert not all(torch.equal(agent.mdrnn.state_dict()[k], v) for k, v in run_m.items())
-    assert not is_final_finished(run) and agent_run(run)[0].path == run.path  # the run's agent: still the first
+    assert not is_final_finished(run)
+    with pytest.raises(RunDirError, match=r"final: the final stage is not finished \(python -m worldmodels final resumes it"):
+        agent_run(run)  # never the first controller standing in for the agent the run is making
+    fake_iteration(run, 3, CFG, 50.0, 3)  # a later iteration whose dream controller did better...
+    assert train_final(cfg, run, max_generations=1) is None  # ...does not move the stage: 0 is the recorded iteration
+    assert final.load_config().iterate.final_iteration == 2
 
     # Killed after one generation and resumed: the same evolution as an uninterrupted one.
     copy = tmp_path / "uninterrupted"
     shutil.copytree(run.path, copy)
     shutil.rmtree(copy / "final")
     results = train_final(cfg, run)
-    uninterrupted = train_final(cfg, copy)
+    uninterrupted = train_final(cfg, copy, 2)  # (with iteration 3 there now, 0 would choose it for a new stage)
     strip = lambda h: [{k: v for k, v in row.items() if k not in ("seconds", "cumulative_seconds")} for row in h]
     assert strip(read_history(final.controller / "history.csv")) == strip(read_history(FinalRun(copy).controller / "history.csv"))
     assert results["returns"] == uninterrupted["returns"] and len(results["returns"]) == cfg.eval.episodes
@@ -92,6 +98,10 @@ def test_the_final_stage_refuses_bad_iterations_naming_them(iterated, fake_run, 
         train_final(cfg, run, 3)
     with pytest.raises(ConfigError, match=r"iterate.final_iteration = -1 is out of range"):
         train_final(cfg, run, -1)
+    with pytest.raises(ConfigError, match=r"cma.x0 = 'mine.safetensors': the final stage starts at iteration 1's dream controller"):
+        train_final(cfg.replace(**{"cma.x0": "mine.safetensors"}), run, 1)
+    with pytest.raises(RunDirError, match=r"final/config.json: no final stage recorded here"):
+        FinalRun(run).stage("mdrnn")
     bare = fake_run(CFG, path=tmp_path / "bare", controller=True)
     with pytest.raises(RunDirError, match=r"bare: no finished iterations that evolved C in the dream"):
         train_final(cfg, bare)
@@ -104,9 +114,13 @@ def test_the_final_stage_refuses_bad_iterations_naming_them(iterated, fake_run, 
 
 def test_the_cli_trains_the_final_stage_and_evaluates_it_as_the_runs_agent(iterated, capsys):
     run, _ = iterated
-    with pytest.raises(SystemExit, match=r"error: .*final: no finished final stage \(python -m worldmodels final\)"):
+    with pytest.raises(SystemExit, match=r"error: .*final: no final stage \(python -m worldmodels final\)"):
         main(["evaluate", "--scale", "tiny", "--run-dir", str(run.path), "--controller", "final"])
     flags = ["--cma.population", "6", "--cma.sigma0", "0.05", "--cma.workers", "1", "--cma.generations", "2"]
+    main(["final", "--scale", "tiny", "--run-dir", str(run.path), "--iteration", "1", "--quiet", "--max-generations", "1", *flags])
+    with pytest.raises(SystemExit, match=r"error: .*final: the final stage is not finished \(python -m worldmodels final resumes it"):
+        main(["evaluate", "--scale", "tiny", "--run-dir", str(run.path)])
+    assert not (run.eval / "results.json").exists()  # the first controller was not evaluated in the agent's place
     main(["final", "--scale", "tiny", "--run-dir", str(run.path), "--iteration", "1", "--quiet", *flags])
     out = capsys.readouterr().out
     assert "2 generations in" in out and f"{CFG.eval.episodes} evaluation episodes:" in out
@@ -130,9 +144,10 @@ def test_export_ships_the_final_stage_as_the_runs_agent(iterated, tmp_path):
     assert rows["final"]["vs_full"].difference == pytest.approx(difference) and rows["final"]["generations"] == 2
     assert histories(run)[FINAL_ROW.label] == FinalRun(run).controller / "history.csv"
     seconds = controller_seconds(run)
-    assert list(seconds) == ["iteration 1", "final"]  # not iteration 2: the final stage grew from iteration 1
-    curves = compute_curves(run, 2)
-    assert curves[FINAL_ROW.label][2] == pytest.approx(2 * seconds["iteration 1"] / 3600)
+    assert list(seconds) == ["first", "iteration 1", "final"]  # not iteration 2: the final stage grew from iteration 1
+    assert seconds["first"] == 180.0
+    curves = cpu_hour_curves(run, 2)
+    assert curves[FINAL_ROW.label][2] == pytest.approx(2 * (180.0 + 36.0) / 3600) and curves[MAIN_ROW.label][2] == 0.0
     final_history = read_history(FinalRun(run).controller / "history.csv")
     assert seconds["final"] == pytest.approx(sum(h["seconds"] for h in final_history)) and seconds["iteration 1"] == 36.0
     root = tmp_path / "shipped"
@@ -149,5 +164,8 @@ def test_export_ships_the_final_stage_as_the_runs_agent(iterated, tmp_path):
     assert loaded.agent_path == folder / "final" and loaded.config.iterate.final_iteration == 1
     iteration_m = load_tensors(iteration_folder(run, 1) / "mdrnn" / BEST_WEIGHTS["mdrnn"])
     assert all(torch.equal(loaded.agent.mdrnn.state_dict()[k], v) for k, v in iteration_m.items())
+    first_loaded = pretrained.load("tiny", root=root, controller="first")
+    assert np.array_equal(first_loaded.params, load_controller(run.controller / BEST_WEIGHTS["controller"]).params)
+    assert first_loaded.results["returns"] == first["returns"] and first_loaded.agent_path == folder
     installed = pretrained.install("tiny", tmp_path / "installed", root=root)
     assert is_final_finished(installed) and evaluate_run(FinalRun(installed))["returns"] == own["returns"]

@@ -40,7 +40,7 @@ import numpy as np
 from worldmodels.config import Config
 from worldmodels.evaluation import current_results
 from worldmodels.runs import (
-    ABLATIONS_FOLDER, BEST_WEIGHTS, CONFIG_FILE, DONE_FILE, HISTORY_FILE, METRICS_FILE, SELECTION_FILE,
+    ABLATIONS_FOLDER, BEST_WEIGHTS, CONFIG_FILE, DONE_FILE, FINAL_FOLDER, HISTORY_FILE, METRICS_FILE, SELECTION_FILE,
     RunDir, as_run_dir, atomic_path, read_json,
 )
 
@@ -65,9 +65,9 @@ ABLATIONS: dict[str, Ablation] = {
     "untrained_m": Ablation("V and an untrained M, a = W [z, h] + b", {"mdrnn.untrained": True}, "870 ± 120 (Tallec et al.)"),
 }
 MAIN_ROW = Ablation("World Model, a = W [z, h] + b", {}, "906 ± 21")
-FINAL = "final"
+FINAL = FINAL_FOLDER
 """The name of the final stage's row (:mod:`worldmodels.final`), the run's agent once it is finished."""
-FINAL_ROW = Ablation("World Model after iterative training, a = W [z, h] + b", {}, "906 ± 21")
+FINAL_ROW = Ablation("World Model after iterative training, a = W [z, h] + b", {}, "906 ± 21 (no iterations)")
 
 SEEDED = {"zh": MAIN_ROW, "z_hidden": ABLATIONS["z_hidden"]}
 """The rows trained again with other training seeds, by the controller kind in their runs' names."""
@@ -228,7 +228,7 @@ def run_ablation(
 
 
 def _row(name: str, ablation: Ablation, run: RunDir, seed: int = 1) -> dict[str, Any]:
-    from worldmodels.evolution import read_history
+    from worldmodels.evolution import history_seconds, read_history
 
     label = ablation.label if seed == 1 else f"{ablation.label} (training seed {seed})"
     row: dict[str, Any] = {"name": name, "label": label, "paper": ablation.paper}
@@ -236,7 +236,7 @@ def _row(name: str, ablation: Ablation, run: RunDir, seed: int = 1) -> dict[str,
     history = read_history(history_path) if history_path.exists() else None
     if history is not None:
         row["generations"] = len(history)
-        row["controller_seconds"] = sum(h["seconds"] or 0.0 for h in history)
+        row["controller_seconds"] = history_seconds(history)
     cfg = run.load_config()
     if cfg is not None:
         row["kind"] = cfg.controller.kind
@@ -279,7 +279,7 @@ def histories(run: str | Path | RunDir) -> dict[str, Path]:
     return {label: path for label, path in paths.items() if path.exists()}
 
 
-def compute_curves(run: str | Path | RunDir, cores: int) -> dict[str, tuple[Path, int, float]]:
+def cpu_hour_curves(run: str | Path | RunDir, cores: int) -> dict[str, tuple[Path, int, float]]:
     """:func:`histories` as the curves of :func:`worldmodels.viz.plot_score_vs_cpu_hours`: each
     row's (history, `cores`, the CPU-hours it starts at). The final stage starts after the
     controllers it grew from (:func:`worldmodels.final.controller_seconds`: the first one and the

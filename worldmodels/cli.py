@@ -56,7 +56,8 @@ def _run_config(args: Common) -> Config:
 
 @dataclasses.dataclass
 class Evaluate(Common):
-    """Evaluate the run's best controller on full episodes over unseen tracks; writes RUN_DIR/eval/results.json."""
+    """Evaluate the run's agent (or --controller) on full episodes over unseen tracks; writes the results
+    into its run directory's eval/results.json (RUN_DIR/final/eval/ for the final stage's agent)."""
 
     episodes: int | None = None
     """Episodes, one track each (default: eval.episodes)."""
@@ -96,13 +97,12 @@ def run_evaluate(args: Evaluate) -> None:
     run, results_file = args.run_dir, RESULTS_FILE
     controller = None if args.controller in ("main", "first", "final") else Path(args.controller)
     if args.controller in ("main", "final"):  # the final stage's agent, driving with its iteration's M
-        from worldmodels.final import FinalRun, is_final_finished
+        from worldmodels.final import FinalRun, agent_run, final_run
 
-        if is_final_finished(args.run_dir):
-            run = FinalRun(args.run_dir)
-            cfg = run.load_config()
+        if final_run(args.run_dir) is not None:
+            run, cfg = agent_run(args.run_dir)
         elif args.controller == "final":
-            raise RunDirError(f"{FinalRun(args.run_dir).path}: no finished final stage (python -m worldmodels final)")
+            raise RunDirError(f"{FinalRun(args.run_dir).path}: no final stage (python -m worldmodels final)")
     if args.controller == "dream":  # the last iteration's dream controller with its M, else the run's
         from worldmodels.iterate import dream_controller
 
@@ -121,14 +121,16 @@ def run_evaluate(args: Evaluate) -> None:
 
 @dataclasses.dataclass
 class Record(Common):
-    """Record one episode of the run's best controller: real frame, V's reconstruction, M's prediction."""
+    """Record one episode of the run's agent (the final stage's once there is one): real frame, V's
+    reconstruction, M's prediction."""
 
     out: Path = Path("episode.mp4")
     """Video file; .mp4 or .gif."""
     seed: int | None = None
     """Track seed (default: eval.seed)."""
     controller: Path | None = None
-    """Controller file (default: RUN_DIR/controller/best.safetensors)."""
+    """Controller file, driving with the run's first M (default: the run's agent: RUN_DIR/final's
+    controller and its iteration's M once there is a final stage, else RUN_DIR/controller/best.safetensors)."""
     max_steps: int = 1000
     """Steps to record at most."""
     tau: float | None = None
@@ -138,8 +140,12 @@ class Record(Common):
 def run_record(args: Record) -> None:
     from worldmodels.evaluation import load_agent_and_controller, record
 
-    cfg = _run_config(args)
-    agent, params, _ = load_agent_and_controller(args.run_dir, cfg, args.controller)
+    from worldmodels.final import agent_run, final_run
+
+    run, cfg = RunDir(args.run_dir), _run_config(args)
+    if args.controller is None and final_run(run) is not None:
+        run, cfg = agent_run(run)
+    agent, params, _ = load_agent_and_controller(run, cfg, args.controller)
     seed = args.seed if args.seed is not None else cfg.eval.seed
     result = record(agent, params, seed, args.out, cfg.env, args.max_steps, tau=args.tau)
     print(f"{args.out}: {int(result.steps[0])} steps, return {result.returns[0]:.1f}")

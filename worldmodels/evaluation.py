@@ -20,6 +20,7 @@ from torch import Tensor
 
 from worldmodels.config import Config, EnvConfig
 from worldmodels.controller import ControllerShape, load_controller
+from worldmodels.evolution import read_history
 from worldmodels.mdrnn import sample_next_z
 from worldmodels.parallel import Executor, InlineExecutor, make_executor
 from worldmodels.rollout import (
@@ -30,7 +31,6 @@ from worldmodels.rollout import (
     rollout_task,
     rollout_worker,
 )
-from worldmodels.evolution import read_history
 from worldmodels.runs import (
     BEST_WEIGHTS,
     DONE_FILE,
@@ -208,7 +208,6 @@ def current_results(run: RunDir) -> dict[str, Any] | None:
     if chosen is not None and best.exists() and weights_metadata(best).get("generation") != str(chosen):
         return None
     return results
-
 
 
 # --- videos -----------------------------------------------------------------------------

@@ -229,6 +229,11 @@ def history_csv(history: list[dict]) -> str:
     return buf.getvalue()
 
 
+def history_seconds(history: list[dict]) -> float:
+    """The wall seconds of the generations in a history (:func:`read_history`'s rows); a final selection's are not recorded."""
+    return float(sum(row["seconds"] or 0.0 for row in history))
+
+
 def read_history(path: str | Path) -> list[dict]:
     """history.csv back as a list of dicts of floats, one key per :data:`HISTORY_FIELDS` (None where
     empty or absent); a history written before ``cumulative_seconds`` gets it summed from ``seconds``."""

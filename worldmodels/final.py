@@ -63,12 +63,20 @@ def final_config(cfg: Config, run: str | Path | RunDir, iteration: int) -> Confi
     stage sets it to the iteration's dream controller when it runs (:func:`start_controller`;
     ``controller/done.json`` records the file and its hash), so no path of one machine is recorded.
 
+    Its ``mdrnn`` section is the run's: it gives M's architecture, which the iterations keep;
+    how iteration `iteration` fine-tuned M is in that iteration's ``record.json``.
+
     `iteration` must be a finished iteration of the run that evolved its controller; a run
-    without a recorded config, or an iteration it does not hold, raises an error naming them.
+    without a recorded config, or an iteration it does not hold, raises an error naming them,
+    and so does a ``cma.x0`` in `cfg` (the stage always starts at the iteration's dream controller).
     """
     from worldmodels.iterate import finished_iterations
 
     run = as_run_dir(run)
+    if cfg.cma.x0:
+        raise ConfigError(
+            f"cma.x0 = {cfg.cma.x0!r}: the final stage starts at iteration {iteration}'s dream controller; leave it empty"
+        )
     recorded = run.load_config()
     if recorded is None:
         raise RunDirError(f"{run.config_path}: no run here to finish (train it and iterate it first)")
@@ -100,11 +108,19 @@ def is_final_finished(run: str | Path | RunDir) -> bool:
 
 def agent_run(run: str | Path | RunDir) -> tuple[RunDir, Config]:
     """Where the run's agent lives and its config: the final stage once it is finished, else
-    the run itself (its ``controller/``, the first controller, trained on the first M)."""
+    the run itself (its ``controller/``, the first controller, trained on the first M).
+
+    A final stage that is there but unfinished raises :class:`RunDirError` naming it, rather
+    than standing the first controller in for the agent it will be."""
     run = as_run_dir(run)
-    if is_final_finished(run):
-        view = FinalRun(run)
-        return view, view.load_config()
+    final = final_run(run)
+    if final is not None:
+        if not is_final_finished(run):
+            raise RunDirError(
+                f"{final.path}: the final stage is not finished (python -m worldmodels final resumes it; "
+                "--controller first evaluates the first controller)"
+            )
+        return final, final.load_config()
     cfg = run.load_config()
     if cfg is None:
         raise RunDirError(f"{run.config_path}: no config recorded in this run directory")
@@ -113,11 +129,12 @@ def agent_run(run: str | Path | RunDir) -> tuple[RunDir, Config]:
 
 def controller_seconds(run: str | Path | RunDir) -> dict[str, float]:
     """The wall seconds of CMA-ES behind the run's agent, by controller: ``first`` (the run's own
-    controller stage, in CarRacing), ``iteration K`` for each iteration the agent grew from (its
-    controller step, in M's dream or in CarRacing: every finished iteration, or with a final stage
-    those up to its ``iterate.final_iteration``) and ``final``; each the sum of its recorded
-    generations (a final selection's time is not recorded)."""
-    from worldmodels.evolution import read_history
+    controller stage, in CarRacing) and ``final`` (the final stage), each the sum of its recorded
+    generations (a final selection's time is not recorded); and ``iteration K`` for each iteration
+    the agent grew from (every finished iteration, or with a final stage those up to its
+    ``iterate.final_iteration``), the wall seconds its record gives its controller step (in M's
+    dream or in CarRacing; of the call that finished the step, when it was resumed)."""
+    from worldmodels.evolution import history_seconds, read_history
     from worldmodels.iterate import finished_iterations
     from worldmodels.runs import HISTORY_FILE, RECORD_FILE, read_json
 
@@ -126,13 +143,13 @@ def controller_seconds(run: str | Path | RunDir) -> dict[str, float]:
     last = final.load_config().iterate.final_iteration if final is not None else finished_iterations(run)
     seconds: dict[str, float] = {}
     if (run.controller / HISTORY_FILE).exists():
-        seconds["first"] = sum(row["seconds"] or 0.0 for row in read_history(run.controller / HISTORY_FILE))
+        seconds["first"] = history_seconds(read_history(run.controller / HISTORY_FILE))
     for index in range(1, last + 1):
         record = read_json(iteration_folder(run, index) / RECORD_FILE)
         seconds[f"iteration {index}"] = float(record.get("controller", {}).get("seconds") or 0.0)
     if final is not None and (final.controller / HISTORY_FILE).exists():
-        seconds["final"] = sum(row["seconds"] or 0.0 for row in read_history(final.controller / HISTORY_FILE))
-    return {k: float(v) for k, v in seconds.items()}
+        seconds["final"] = history_seconds(read_history(final.controller / HISTORY_FILE))
+    return seconds
 
 
 def train_final(
@@ -144,9 +161,10 @@ def train_final(
     max_generations: int | None = None,
     evaluate: bool = True,
 ) -> dict[str, Any] | None:
-    """Evolve the final controller in CarRacing on iteration `iteration`'s M (0: the iteration
-    whose dream controller did best on the validation tracks, the one ``evaluate --controller
-    dream`` drives), from that iteration's dream controller, with `cfg`'s CMA-ES settings; then
+    """Evolve the final controller in CarRacing on iteration `iteration`'s M (0: the one the final
+    stage already runs on, or for a new one the iteration whose dream controller did best on the
+    validation tracks, the one ``evaluate --controller dream`` drives), from that iteration's
+    dream controller, with `cfg`'s CMA-ES settings; then
     evaluate it on ``eval``'s tracks into ``RUN/final/eval/results.json``.
 
     Resumes like every stage (an interrupted evolution from its checkpoint; a finished one
@@ -161,6 +179,10 @@ def train_final(
     run = as_run_dir(run)
     if iteration < 0:
         raise ConfigError(f"iterate.final_iteration = {iteration} is out of range: an iteration is numbered from 1")
+    final = FinalRun(run)
+    recorded = final.load_config()
+    if iteration == 0 and recorded is not None:
+        iteration = recorded.iterate.final_iteration
     if iteration == 0:
         iteration = best_dream_iteration(run)
         if not iteration:
@@ -168,8 +190,6 @@ def train_final(
                 f"{run.path}: no finished iterations that evolved C in the dream to start the final stage from "
                 "(python -m worldmodels iterate)"
             )
-    final = FinalRun(run)
-    recorded = final.load_config()
     if recorded is not None and recorded.iterate.final_iteration != iteration:
         raise RunDirError(
             f"{final.config_path}: the final stage runs on iteration {recorded.iterate.final_iteration}'s M, "

@@ -359,7 +359,9 @@ def score_vs_cpu_hours(
     return hours, np.array([r["val_mean"] for r in validated], dtype=float)
 
 
-def plot_score_vs_cpu_hours(runs: Mapping[str, tuple], ax=None):
+def plot_score_vs_cpu_hours(
+    runs: Mapping[str, tuple[list[dict] | str | Path, int] | tuple[list[dict] | str | Path, int, float]], ax=None
+):
     """Validation mean against CPU-hours (log scale) of each run, beside the paper's curve.
 
     `runs` maps a label to (its history, the cores that ran it) or (its history, cores, the

@@ -281,7 +281,7 @@ def write_web_models(app, exception) -> None:
     static = Path(app.outdir) / "_static"
     shutil.copy2(ESM, static / WEB_WIDGETS_JS)
     shutil.copy2(CSS, static / WEB_WIDGETS_CSS)
-    book = worldmodels.pretrained.load("book")
+    book = worldmodels.pretrained.load("book", controller="first")  # chapter 6: chapter 4's M, chapter 5's C
     starts = np.load(book.path / "controller" / "dream_starts.npz")
     controller = Controller.from_config(book.config).set_flat(book.params)
     exported = export_web_models(

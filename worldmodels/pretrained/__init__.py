@@ -127,6 +127,7 @@ class Pretrained:
     name: str
     path: Path
     config: Config
+    """The config of the agent's run directory (the final stage's own, with its CMA-ES settings)."""
     agent: Any
     """The run's agent (:func:`worldmodels.final.agent_run`: the final stage's once it is finished),
     a :class:`worldmodels.rollout.Agent` with V and M (M only for the 'zh' controller)."""
@@ -169,14 +170,18 @@ def _checksums(manifest_path: Path) -> dict[str, str]:
         return checksums
 
 
-def load(name: str = "book", device: str = "cpu", root: Path = ROOT) -> Pretrained:
-    """Load shipped run `name` (checksums checked; safetensors only, no pickle)."""
+def load(name: str = "book", device: str = "cpu", root: Path = ROOT, controller: str = "main") -> Pretrained:
+    """Load shipped run `name` (checksums checked; safetensors only, no pickle): its agent
+    (`controller` 'main', :func:`worldmodels.final.agent_run`) or its first controller with the
+    first M ('first', what chapters 4 to 6 and the book's dream widget use)."""
     from worldmodels.controller import load_controller
     from worldmodels.final import agent_run
     from worldmodels.rollout import Agent
 
+    if controller not in ("main", "first"):
+        raise ValueError(f"controller = {controller!r}: 'main' (the run's agent) or 'first'")
     folder = verify(name, root)
-    run, config = agent_run(folder)
+    run, config = agent_run(folder) if controller == "main" else (RunDir(folder), RunDir(folder).load_config())
     agent = Agent.from_run(run, config)
     if device != "cpu":
         agent.vae.to(device)
@@ -210,10 +215,14 @@ def export(
     regenerated from their seeds when the run has none, about a minute at the ``book``
     scale).
 
+    It also ships every finished iteration's :data:`ITERATION_FILES` and, when the run has a
+    finished final stage, its :data:`FINAL_FILES` (an unfinished one is left out).
+
     With `evaluate`, the shipped weights themselves are evaluated with the run's protocol
     (``eval.episodes`` tracks from ``eval.seed``, every core) into the shipped
-    ``eval/results.json``, which ``python -m worldmodels evaluate --pretrained NAME`` then
-    reproduces on any CPU (the evaluation drives exactly, see :mod:`worldmodels.evaluation`).
+    ``eval/results.json`` (and the final stage's into ``final/eval/results.json``), which
+    ``python -m worldmodels evaluate --pretrained NAME`` (``--controller first`` for the former)
+    then reproduces on any CPU (the evaluation drives exactly, see :mod:`worldmodels.evaluation`).
     When the run has an evaluation of the same tracks, the returns must be the same: the
     shipped weights drive like the run's, or a :class:`ValueError` names both files.
 
