@@ -110,7 +110,7 @@ def agent_run(run: str | Path | RunDir) -> tuple[RunDir, Config]:
     """Where the run's agent lives and its config: the final stage once it is finished, else
     the run itself (its ``controller/``, the first controller, trained on the first M).
 
-    A final stage that is there but unfinished raises :class:`RunDirError` naming it, rather
+    A final stage that is there but unfinished raises :class:`~worldmodels.runs.RunDirError` naming it, rather
     than standing the first controller in for the agent it will be."""
     run = as_run_dir(run)
     final = final_run(run)
