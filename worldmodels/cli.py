@@ -67,7 +67,8 @@ class Evaluate(Common):
     """Print one JSON object (returns, mean, std, min, max) instead of a readable line."""
     controller: str = "main"
     """'main' (the run's agent: the final stage's controller, RUN_DIR/final/controller/best.safetensors
-    driving with its iteration's M, once it is finished, else 'first'), 'first' (the first controller,
+    driving with its iteration's M, when the run has a final stage (an unfinished one is an error),
+    else 'first'), 'first' (the first controller,
     RUN_DIR/controller/best.safetensors, evolved on the first M), 'final' (the final stage's), 'dream' (the controller trained in
     M's dream: the iteration's whose dream controller did best on the validation tracks,
     RUN_DIR/iterations/NN/controller/dream_tau{TAU}_best.safetensors, driving
@@ -139,7 +140,6 @@ class Record(Common):
 
 def run_record(args: Record) -> None:
     from worldmodels.evaluation import load_agent_and_controller, record
-
     from worldmodels.final import agent_run, final_run
 
     run, cfg = RunDir(args.run_dir), _run_config(args)
@@ -343,8 +343,8 @@ class Final(Common):
     controller, with these --cma.* settings, in RUN_DIR/final (resumes); then evaluate it. It becomes the run's agent."""
 
     iteration: int = 0
-    """The iteration whose M and dream controller to start from (0: the one whose dream controller
-    scored best on the validation tracks)."""
+    """The iteration whose M and dream controller to start from (0: the one the stage already runs on,
+    or for a new stage the one whose dream controller scored best on the validation tracks)."""
     scheduler: str | None = None
     """Dask scheduler address, tcp://host:8786 (default: cma.scheduler; empty: local processes)."""
     workers: int | None = None
