@@ -239,7 +239,8 @@ def test_a_stuck_collection_task_times_out_naming_it(tmp_path, monkeypatch):
     from worldmodels.parallel import TaskTimeoutError
 
     monkeypatch.setattr(data_module, "collect_task", _stuck_on_episode_1)
-    cfg = tiny(**{"data.workers": 2, "data.envs_per_worker": 1, "data.task_timeout": 2.0})
+    # 10 s: well above a healthy one-episode task even on a loaded machine (2 s let task #0 time out first)
+    cfg = tiny(**{"data.workers": 2, "data.envs_per_worker": 1, "data.task_timeout": 10.0})
     seed = cfg.data.seed + 1
     with pytest.raises(TaskTimeoutError, match=rf"task #1: Task\(collect, seeds=\[{seed}\]"):
         collect(cfg, tmp_path, quiet=True)
