@@ -54,6 +54,16 @@ def _run_config(args: Common) -> Config:
     return run.load_config() or run.bind(args.config)
 
 
+def _agent_run(args: Common) -> tuple[RunDir, Config]:
+    """The run directory of the run's agent and its config: the final stage's when the run has one
+    (:func:`worldmodels.final.agent_run`, an error while it is unfinished), else the run's (:func:`_run_config`)."""
+    from worldmodels.final import agent_run, final_run
+
+    if final_run(args.run_dir) is not None:
+        return agent_run(args.run_dir)
+    return RunDir(args.run_dir), _run_config(args)
+
+
 @dataclasses.dataclass
 class Evaluate(Common):
     """Evaluate the run's agent (or --controller) on full episodes over unseen tracks; writes the results
@@ -94,16 +104,17 @@ def run_evaluate(args: Evaluate) -> None:
         from worldmodels import pretrained
 
         pretrained.install(args.pretrained, args.run_dir)
-    cfg = _run_config(args)
-    run, results_file = args.run_dir, RESULTS_FILE
+    results_file = RESULTS_FILE
     controller = None if args.controller in ("main", "first", "final") else Path(args.controller)
-    if args.controller in ("main", "final"):  # the final stage's agent, driving with its iteration's M
-        from worldmodels.final import FinalRun, agent_run, final_run
+    if args.controller == "final":
+        from worldmodels.final import FinalRun, final_run
 
-        if final_run(args.run_dir) is not None:
-            run, cfg = agent_run(args.run_dir)
-        elif args.controller == "final":
+        if final_run(args.run_dir) is None:
             raise RunDirError(f"{FinalRun(args.run_dir).path}: no final stage (python -m worldmodels final)")
+    if args.controller in ("main", "final"):  # the final stage's agent, driving with its iteration's M
+        run, cfg = _agent_run(args)
+    else:
+        run, cfg = args.run_dir, _run_config(args)
     if args.controller == "dream":  # the last iteration's dream controller with its M, else the run's
         from worldmodels.iterate import dream_controller
 
@@ -140,11 +151,8 @@ class Record(Common):
 
 def run_record(args: Record) -> None:
     from worldmodels.evaluation import load_agent_and_controller, record
-    from worldmodels.final import agent_run, final_run
 
-    run, cfg = RunDir(args.run_dir), _run_config(args)
-    if args.controller is None and final_run(run) is not None:
-        run, cfg = agent_run(run)
+    run, cfg = _agent_run(args) if args.controller is None else (RunDir(args.run_dir), _run_config(args))
     agent, params, _ = load_agent_and_controller(run, cfg, args.controller)
     seed = args.seed if args.seed is not None else cfg.eval.seed
     result = record(agent, params, seed, args.out, cfg.env, args.max_steps, tau=args.tau)

@@ -271,7 +271,8 @@ def export(
         save_initial_latents(IterationRun(run, k, cfg), folder / rel / STARTS_FILE)
         files.append(f"{rel}/{STARTS_FILE}")
     if evaluate:
-        for shipped, own in ((RunDir(folder), run), *(((FinalRun(folder), FinalRun(run)),) if final else ())):
+        pairs = [(RunDir(folder), run)] + ([(FinalRun(folder), FinalRun(run))] if final else [])
+        for shipped, own in pairs:  # each shipped agent's weights, against the run's own evaluation
             _evaluate_shipped(shipped, own.path / RESULTS, folder)
             rel = (shipped.path / RESULTS).relative_to(folder).as_posix()
             if rel not in files:  # the run had no evaluation of its own
