@@ -169,3 +169,42 @@ def test_export_ships_the_final_stage_as_the_runs_agent(iterated, tmp_path):
     assert first_loaded.results["returns"] == first["returns"] and first_loaded.agent_path == folder
     installed = pretrained.install("tiny", tmp_path / "installed", root=root)
     assert is_final_finished(installed) and evaluate_run(FinalRun(installed))["returns"] == own["returns"]
+
+
+def test_a_continued_row_evolves_its_ablation_on_at_the_final_stages_budget(iterated):
+    from worldmodels.ablations import ABLATIONS, CONTINUED, ablation_dir, continued_config, run_ablation
+
+    run, _ = iterated
+    label = CONTINUED["z_hidden_on"][1].label
+    with pytest.raises(RunDirError, match=r"final/config.json: no final stage; 'z_hidden_on' evolves with its CMA-ES settings"):
+        run_ablation(CFG, run, "z_hidden_on", quiet=True)
+    train_final(CFG.replace(**FINAL_CMA), run, 1, max_generations=1)
+    with pytest.raises(RunDirError, match=r"z_hidden/controller: ablation 'z_hidden' is not finished, and 'z_hidden_on' evolves on"):
+        run_ablation(CFG, run, "z_hidden_on", quiet=True)
+    base = run_ablation(CFG, run, "z_hidden", quiet=True, evaluate=False)
+    assert base is None and "z_hidden_on" not in {r["name"] for r in table(run)}
+
+    results = run_ablation(CFG.replace(**{"cma.workers": 2}), run, "z_hidden_on", quiet=True)
+    sub = ablation_dir(run, "z_hidden_on")
+    recorded = sub.load_config()
+    final_cfg = FinalRun(run).load_config()
+    assert recorded.controller.kind == "z_hidden" and recorded.cma.x0 == "" and recorded.iterate.final_iteration == 0
+    assert final_cfg.differences(recorded) == ["controller.kind: 'zh' != 'z_hidden'", "iterate.final_iteration: 1 != 0"]
+    started = read_json(sub.controller / DONE_FILE)["start"]
+    assert started["sha256"] == file_sha256(ablation_dir(run, "z_hidden").controller / BEST_WEIGHTS["controller"])
+    history = read_history(sub.controller / "history.csv")
+    assert len(history) == FINAL_CMA["cma.generations"] and {h["population"] for h in history} == {6}
+    assert results["seeds"] == [CFG.eval.seed + i for i in range(CFG.eval.episodes)]
+    assert run_ablation(CFG, run, "z_hidden_on", quiet=True) == results  # finished: only loads
+
+    rows = {r["name"]: r for r in table(run)}
+    assert rows["z_hidden_on"]["label"] == label and rows["z_hidden_on"]["mean"] == results["mean"]
+    assert histories(run)[label] == sub.controller / "history.csv"
+    base_seconds = sum(h["seconds"] for h in read_history(ablation_dir(run, "z_hidden").controller / "history.csv"))
+    assert cpu_hour_curves(run, 2)[label][2] == pytest.approx(2 * base_seconds / 3600)
+    assert cpu_hour_curves(run, 2)[ABLATIONS["z_hidden"].label][2] == 0.0
+    with pytest.raises(ValueError, match=r"'z_hidden_on' evolves with the final stage's config"):
+        from worldmodels.ablations import ablation_config
+
+        ablation_config(CFG, "z_hidden_on")
+    assert continued_config(run, "z_hidden_on").replace(**{"cma.workers": 2}) == recorded  # the runtime fields are the caller's

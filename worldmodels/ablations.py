@@ -21,6 +21,11 @@ hidden-layer controller can be trained again with other training seeds, ``seedK_
 ``seedK_z_hidden`` (K = 2, 3, ...), whose CMA-ES draws other candidates on other training
 and validation tracks (:data:`SEED_STRIDE`); the table gives the spread between seeds.
 
+The run's agent, its final stage (:mod:`worldmodels.final`), evolved on with a budget of its
+own. To compare it with an ablation at equal budget, a *continued* row (:data:`CONTINUED`,
+``z_hidden_on``) evolves that ablation's finished controller on with the final stage's CMA-ES
+settings, generations and tracks.
+
 >>> import worldmodels as wm
 >>> wm.ablations.run_ablation(cfg, "runs/book", "z")       # doctest: +SKIP
 >>> wm.ablations.table("runs/book")                         # doctest: +SKIP
@@ -41,7 +46,7 @@ from worldmodels.config import Config
 from worldmodels.evaluation import current_results
 from worldmodels.runs import (
     ABLATIONS_FOLDER, BEST_WEIGHTS, CONFIG_FILE, DONE_FILE, FINAL_FOLDER, HISTORY_FILE, METRICS_FILE, SELECTION_FILE,
-    RunDir, as_run_dir, atomic_path, read_json,
+    RunDir, RunDirError, as_run_dir, atomic_path, read_json,
 )
 
 
@@ -69,6 +74,17 @@ FINAL = FINAL_FOLDER
 """The name of the final stage's row (:mod:`worldmodels.final`), the run's agent once it is finished."""
 FINAL_ROW = Ablation("World Model after iterative training, a = W [z, h] + b", {}, "906 ± 21 (no iterations)")
 
+CONTINUED: dict[str, tuple[str, Ablation]] = {
+    "z_hidden_on": (
+        "z_hidden",
+        Ablation("V only, 40 tanh hidden units, evolved on at the final stage's budget", {"controller.kind": "z_hidden"}, "788 ± 141"),
+    ),
+}
+"""Rows that give an ablation the final stage's extra budget, so that the book's agent is compared at
+equal budget: name to (the ablation it continues, its row). Such a row evolves on from the
+ablation's finished controller (CMA-ES's mean starts there) with the final stage's config, its
+CMA-ES settings and tracks included (:func:`continued_config`); it needs the run's final stage."""
+
 SEEDED = {"zh": MAIN_ROW, "z_hidden": ABLATIONS["z_hidden"]}
 """The rows trained again with other training seeds, by the controller kind in their runs' names."""
 SEED_STRIDE = 1_000_000
@@ -94,13 +110,17 @@ def seed_run_names(seeds: int) -> list[str]:
 
 
 def _parse(name: str) -> tuple[Ablation, dict[str, Any], int]:
-    """An ablation's or seed run's row, its changes to the main run's config (besides the seed) and training seed."""
+    """An ablation's, continued row's or seed run's row, its changes to the main run's config (besides the seed) and training seed."""
     if name in ABLATIONS:
         return ABLATIONS[name], ABLATIONS[name].overrides, 1
+    if name in CONTINUED:
+        row = CONTINUED[name][1]
+        return row, row.overrides, 1
     match = _SEED_RUN.fullmatch(name)
     if match is None or int(match[1]) < 2:
         raise ValueError(
-            f"unknown ablation {name!r}: choose one of {', '.join(ABLATIONS)}, or seedK_zh / seedK_z_hidden (K >= 2)"
+            f"unknown ablation {name!r}: choose one of {', '.join([*ABLATIONS, *CONTINUED])}, "
+            "or seedK_zh / seedK_z_hidden (K >= 2)"
         )
     row = SEEDED[match[2]]
     return row, row.overrides, int(match[1])
@@ -118,12 +138,35 @@ def ablation_config(cfg: Config, name: str) -> Config:
     An ablation's CMA-ES starts at zeros whatever the main run's ``cma.x0``, whose controller
     is the full model's; a seed run of the full model starts where the main run did.
     """
+    if name in CONTINUED:
+        raise ValueError(f"{name!r} evolves with the final stage's config, not the main run's: see continued_config")
     row, overrides, seed = _parse(name)
     if seed > 1:
         overrides = {**overrides, "cma.seed": cfg.cma.seed + (seed - 1) * SEED_STRIDE}
     if row is not MAIN_ROW:
         overrides = {**overrides, "cma.x0": ""}
     return cfg.replace(**overrides)
+
+
+def continued_config(run: str | Path | RunDir, name: str) -> Config:
+    """Continued row `name`'s config (:data:`CONTINUED`): the run's final stage's recorded config
+    (its CMA-ES settings and tracks) with the row's change, on no iteration's M, and ``cma.x0``
+    empty: :func:`run_ablation` starts the mean at the continued ablation's controller when it
+    runs, and ``controller/done.json`` records that file and its hash.
+
+    A run without a final stage raises :class:`~worldmodels.runs.RunDirError` naming it."""
+    from worldmodels.final import final_run
+
+    if name not in CONTINUED:
+        raise ValueError(f"unknown continued row {name!r}: choose one of {', '.join(CONTINUED)}")
+    main = as_run_dir(run)
+    final = final_run(main)
+    if final is None:
+        raise RunDirError(
+            f"{main.path / FINAL_FOLDER / CONFIG_FILE}: no final stage; {name!r} evolves with its CMA-ES settings "
+            f"(python -m worldmodels final --run-dir {main.path} first)"
+        )
+    return final.load_config().replace(**CONTINUED[name][1].overrides, **{"cma.x0": "", "iterate.final_iteration": 0})
 
 
 class Paired(NamedTuple):
@@ -192,10 +235,13 @@ def run_ablation(
     max_generations: int | None = None,
     evaluate: bool = True,
 ) -> dict[str, Any] | None:
-    """Train and evaluate ablation or seed run `name` of the main run `run` (config `cfg`); resumes like every stage.
+    """Train and evaluate ablation, continued row or seed run `name` of the main run `run` (config `cfg`);
+    resumes like every stage.
 
     V (and M where the ablation reads a trained one) are copied from the main run, which
-    must have finished them; an untrained M is built from ``cfg.train_seed``. The
+    must have finished them; an untrained M is built from ``cfg.train_seed``. A continued row
+    (:data:`CONTINUED`) has the config of :func:`continued_config` and starts from its
+    ablation's finished controller, which must be there. The
     controller is evolved with ``cfg.cma`` in ``RUN/ablations/NAME/controller`` and, once
     finished, evaluated on ``cfg.eval``'s tracks into ``RUN/ablations/NAME/eval/results.json``.
     Returns those results, or None while the controller is unfinished.
@@ -207,9 +253,20 @@ def run_ablation(
 
     main = as_run_dir(run)
     main_cfg = main.bind(cfg)
-    sub_cfg = ablation_config(main_cfg, name)
     sub = ablation_dir(main, name)
-    sub_cfg = sub.bind(sub_cfg)
+    if name in CONTINUED:
+        continued = continued_config(main, name).replace(**main_cfg.runtime_fields())
+        base_name = CONTINUED[name][0]
+        base = ablation_dir(main, base_name)
+        base_cfg = base.load_config()
+        if base_cfg is None or not is_finished(base.controller, base_cfg.cma):
+            raise RunDirError(
+                f"{base.controller}: ablation {base_name!r} is not finished, and {name!r} evolves on from its controller "
+                f"(python -m worldmodels ablations --name {base_name} --run-dir {main.path} first)"
+            )
+        sub_cfg = sub.bind(continued).replace(**{"cma.x0": str(base.controller / BEST_WEIGHTS["controller"])})  # read at generation 0 only
+    else:
+        sub_cfg = sub.bind(ablation_config(main_cfg, name))
     _share(main, sub, "vae")
     if sub_cfg.controller.kind == "zh":
         if sub_cfg.mdrnn.untrained:
@@ -270,12 +327,13 @@ def _seed_runs(main: RunDir) -> list[tuple[str, int]]:
 
 def histories(run: str | Path | RunDir) -> dict[str, Path]:
     """The CMA-ES learning curves of a main run, of its final stage and of each of its ablations
-    that has one: the row's label (the main run's first) to its ``controller/history.csv``."""
+    and continued rows that has one: the row's label (the main run's first) to its ``controller/history.csv``."""
     from worldmodels.final import FinalRun
 
     main = as_run_dir(run)
     paths = {MAIN_ROW.label: main.controller / HISTORY_FILE, FINAL_ROW.label: FinalRun(main).controller / HISTORY_FILE}
     paths.update({ablation.label: ablation_dir(main, name).controller / HISTORY_FILE for name, ablation in ABLATIONS.items()})
+    paths.update({row.label: ablation_dir(main, name).controller / HISTORY_FILE for name, (_, row) in CONTINUED.items()})
     return {label: path for label, path in paths.items() if path.exists()}
 
 
@@ -283,20 +341,24 @@ def cpu_hour_curves(run: str | Path | RunDir, cores: int) -> dict[str, tuple[Pat
     """:func:`histories` as the curves of :func:`worldmodels.viz.plot_score_vs_cpu_hours`: each
     row's (history, `cores`, the CPU-hours it starts at). The final stage starts after the
     controllers it grew from (:func:`worldmodels.final.controller_seconds`: the first one and the
-    iterations'), every other row at 0."""
+    iterations'), a continued row after its ablation's evolution, every other row at 0."""
+    from worldmodels.evolution import history_seconds, read_history
     from worldmodels.final import controller_seconds
 
     seconds = controller_seconds(run)
-    before_final = sum(v for k, v in seconds.items() if k != "final") / 3600 * cores
-    return {
-        label: (path, cores, before_final if label == FINAL_ROW.label else 0.0)
-        for label, path in histories(run).items()
-    }
+    starts = {FINAL_ROW.label: sum(v for k, v in seconds.items() if k != "final")}
+    paths = histories(run)
+    for name, (base_name, row) in CONTINUED.items():
+        base_label = ABLATIONS[base_name].label
+        if row.label in paths and base_label in paths:
+            starts[row.label] = history_seconds(read_history(paths[base_label]))
+    return {label: (path, cores, starts.get(label, 0.0) / 3600 * cores) for label, path in paths.items()}
 
 
 def table(run: str | Path | RunDir) -> list[dict[str, Any]]:
     """The ablation table of a main run: one dict per row (the main run first, then its final
-    stage when it has one, each ablation that has a run directory, each seed run), with the paper's score, the evaluation
+    stage when it has one, each ablation and continued row that has a run directory, each seed
+    run), with the paper's score, the evaluation
     (episodes, mean, std, min, max, seconds) and the controller's compute (generations, episodes
     per generation, episodes in all with validation and final selection, seconds).
 
@@ -314,7 +376,7 @@ def table(run: str | Path | RunDir) -> list[dict[str, Any]]:
     if final is not None:
         rows.append(_row(FINAL, FINAL_ROW, final))
         results[FINAL] = current_results(final)
-    for name, ablation in ABLATIONS.items():
+    for name, ablation in [*ABLATIONS.items(), *((name, row) for name, (_, row) in CONTINUED.items())]:
         sub = ablation_dir(main, name)
         if sub.config_path.exists():
             rows.append(_row(name, ablation, sub))

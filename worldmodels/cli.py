@@ -379,7 +379,8 @@ class Ablations(Common):
 
     name: str = "all"
     """Which ablation: 'z', 'z_hidden', 'untrained_m', a seed run ('seed2_zh', 'seed2_z_hidden', ...),
-    or 'all' (one after another)."""
+    'z_hidden_on' ('z_hidden' evolved on at the final stage's budget; the run needs a final stage),
+    or 'all' (one after another; 'z_hidden_on' too when the run has a final stage)."""
     seeds: int = 1
     """Training seeds of the full model and of the hidden-layer V-only controller: with 'all', 2 or
     more also trains RUN_DIR/ablations/seedK_zh and seedK_z_hidden for K = 2..seeds."""
@@ -390,11 +391,15 @@ class Ablations(Common):
 
 
 def run_ablations(args: Ablations) -> None:
-    from worldmodels.ablations import ABLATIONS, ablation_dir, format_table, run_ablation, seed_run_names, table
+    from worldmodels.ablations import (
+        ABLATIONS, CONTINUED, ablation_dir, format_table, run_ablation, seed_run_names, table,
+    )
+    from worldmodels.final import final_run
 
     if args.seeds < 1:
         raise ConfigError(f"--seeds {args.seeds} is out of range: allowed [1, inf]")
-    names = [*ABLATIONS, *seed_run_names(args.seeds)] if args.name == "all" else [args.name]
+    continued = [*CONTINUED] if final_run(args.run_dir) is not None else []
+    names = [*ABLATIONS, *continued, *seed_run_names(args.seeds)] if args.name == "all" else [args.name]
     try:
         for name in names:
             ablation_dir(args.run_dir, name)

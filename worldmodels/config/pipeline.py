@@ -177,6 +177,11 @@ class Config(_Section):
             out.append(f"{name}: {a!r} != {b!r}")
         return out
 
+    def runtime_fields(self) -> dict[str, Any]:
+        """The runtime-only fields (workers, device, ...), which change how fast a stage runs and
+        never what it computes: dotted name -> value, for :meth:`replace`."""
+        return {name: a for name, a, _, meta in _leaves(self, self, "") if meta.get("runtime")}
+
     def extensions(self, other: Config) -> dict[str, Any]:
         """Extendable fields (``cma.generations``, ``cma.population``, ...) whose value is larger in
         `other`: dotted name -> new value."""
