@@ -86,10 +86,10 @@ def test_ablations_with_two_seeds_trains_the_seed_runs_after_the_ablations(tmp_p
     with pytest.raises(SystemExit, match="--seeds 0 is out of range"):
         main(["ablations", "--scale", "tiny", "--run-dir", str(tmp_path), "--seeds", "0"])
     (tmp_path / "final").mkdir()
-    (tmp_path / "final" / "config.json").write_text("{}")  # a final stage: 'all' continues z_hidden at its budget
+    (tmp_path / "final" / "config.json").write_text("{}")  # a final stage: 'z_hidden_on' still runs only by name
     trained.clear()
     main(["ablations", "--scale", "tiny", "--run-dir", str(tmp_path), "--quiet"])
-    assert trained == ["z", "z_hidden", "untrained_m", "z_hidden_on"]
+    assert trained == ["z", "z_hidden", "untrained_m"]
 
 
 def test_a_continued_row_without_a_final_stage_is_a_one_line_error(fake_run):
@@ -98,7 +98,8 @@ def test_a_continued_row_without_a_final_stage_is_a_one_line_error(fake_run):
     run = fake_run(preset("tiny"))
     out = run_cli("ablations", "--scale", "tiny", "--run-dir", str(run.path), "--name", "z_hidden_on", check=False)
     assert out.returncode != 0 and "Traceback" not in out.stderr
-    assert "final/config.json: no final stage; 'z_hidden_on' evolves with its CMA-ES settings" in out.stderr.strip().splitlines()[-1]
+    assert "final/config.json: no final stage; 'z_hidden_on' evolves with the final stage's CMA-ES settings" in (
+        out.stderr.strip().splitlines()[-1])
 
 
 def test_pipeline_on_finished_v_and_m_collects_nothing(fake_run):

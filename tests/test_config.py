@@ -79,3 +79,11 @@ def test_differences_skip_runtime_fields():
     assert a.differences(b) == []
     assert len(a.differences(b, include_runtime=True)) == 3
     assert a.differences(a.replace(**{"vae.epochs": 9})) == ["vae.epochs: 1 != 9"]
+
+
+def test_runtime_fields_are_those_that_change_only_speed():
+    cfg = preset("tiny", **{"cma.workers": 3, "device": "cpu"})
+    fields = cfg.runtime_fields()
+    assert fields["cma.workers"] == 3 and fields["device"] == "cpu" and "cma.population" not in fields
+    other = preset("tiny").replace(**fields)
+    assert other.differences(cfg, include_runtime=True) == [] and preset("tiny").differences(cfg) == []

@@ -171,29 +171,37 @@ def test_export_ships_the_final_stage_as_the_runs_agent(iterated, tmp_path):
     assert is_final_finished(installed) and evaluate_run(FinalRun(installed))["returns"] == own["returns"]
 
 
+
 def test_a_continued_row_evolves_its_ablation_on_at_the_final_stages_budget(iterated):
-    from worldmodels.ablations import ABLATIONS, CONTINUED, ablation_dir, continued_config, run_ablation
+    from worldmodels.ablations import ABLATIONS, CONTINUED, ablation_config, ablation_dir, continued_config, run_ablation
 
     run, _ = iterated
-    label = CONTINUED["z_hidden_on"][1].label
-    with pytest.raises(RunDirError, match=r"final/config.json: no final stage; 'z_hidden_on' evolves with its CMA-ES settings"):
+    label = CONTINUED["z_hidden_on"].row.label
+    with pytest.raises(RunDirError, match=r"final/config.json: no final stage; 'z_hidden_on' evolves with the final stage's"):
         run_ablation(CFG, run, "z_hidden_on", quiet=True)
     train_final(CFG.replace(**FINAL_CMA), run, 1, max_generations=1)
+    assert run_ablation(CFG, run, "z_hidden", quiet=True, max_generations=1) is None  # started, not finished
     with pytest.raises(RunDirError, match=r"z_hidden/controller: ablation 'z_hidden' is not finished, and 'z_hidden_on' evolves on"):
         run_ablation(CFG, run, "z_hidden_on", quiet=True)
-    base = run_ablation(CFG, run, "z_hidden", quiet=True, evaluate=False)
-    assert base is None and "z_hidden_on" not in {r["name"] for r in table(run)}
+    with pytest.raises(ConfigError, match=r"'z_hidden_on' takes its CMA-ES settings from .*final/config.json.*recorded != requested: cma.population: 4 != 8"):
+        run_ablation(CFG.replace(**{"cma.population": 8}), run, "z_hidden_on", quiet=True)  # the --cma flags of `final`
+    assert run_ablation(CFG, run, "z_hidden", quiet=True, evaluate=False) is None
+    assert "z_hidden_on" not in {r["name"] for r in table(run)}
 
-    results = run_ablation(CFG.replace(**{"cma.workers": 2}), run, "z_hidden_on", quiet=True)
+    # Killed after one generation and resumed; the runtime fields are the caller's.
+    assert run_ablation(CFG.replace(**{"cma.workers": 2}), run, "z_hidden_on", quiet=True, max_generations=1) is None
     sub = ablation_dir(run, "z_hidden_on")
+    first = read_history(sub.controller / "history.csv")
+    results = run_ablation(CFG.replace(**{"cma.workers": 2}), run, "z_hidden_on", quiet=True)
     recorded = sub.load_config()
     final_cfg = FinalRun(run).load_config()
     assert recorded.controller.kind == "z_hidden" and recorded.cma.x0 == "" and recorded.iterate.final_iteration == 0
     assert final_cfg.differences(recorded) == ["controller.kind: 'zh' != 'z_hidden'", "iterate.final_iteration: 1 != 0"]
-    started = read_json(sub.controller / DONE_FILE)["start"]
-    assert started["sha256"] == file_sha256(ablation_dir(run, "z_hidden").controller / BEST_WEIGHTS["controller"])
+    assert continued_config(run, "z_hidden_on").replace(**{"cma.workers": 2}) == recorded
+    base_best = ablation_dir(run, "z_hidden").controller / BEST_WEIGHTS["controller"]
+    assert read_json(sub.controller / DONE_FILE)["start"]["sha256"] == file_sha256(base_best)
     history = read_history(sub.controller / "history.csv")
-    assert len(history) == FINAL_CMA["cma.generations"] and {h["population"] for h in history} == {6}
+    assert history[:1] == first and len(history) == FINAL_CMA["cma.generations"] and {h["population"] for h in history} == {6}
     assert results["seeds"] == [CFG.eval.seed + i for i in range(CFG.eval.episodes)]
     assert run_ablation(CFG, run, "z_hidden_on", quiet=True) == results  # finished: only loads
 
@@ -204,7 +212,8 @@ def test_a_continued_row_evolves_its_ablation_on_at_the_final_stages_budget(iter
     assert cpu_hour_curves(run, 2)[label][2] == pytest.approx(2 * base_seconds / 3600)
     assert cpu_hour_curves(run, 2)[ABLATIONS["z_hidden"].label][2] == 0.0
     with pytest.raises(ValueError, match=r"'z_hidden_on' evolves with the final stage's config"):
-        from worldmodels.ablations import ablation_config
-
         ablation_config(CFG, "z_hidden_on")
-    assert continued_config(run, "z_hidden_on").replace(**{"cma.workers": 2}) == recorded  # the runtime fields are the caller's
+
+    save_controller(base_best, np.zeros(ControllerShape.from_config(recorded).n_params), ControllerShape.from_config(recorded))
+    with pytest.raises(RunDirError, match=r"z_hidden_on/controller/done.json: 'z_hidden_on' started from another .*delete"):
+        run_ablation(CFG, run, "z_hidden_on", quiet=True)  # the ablation it grew from changed since

@@ -42,11 +42,11 @@ from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 
-from worldmodels.config import Config
+from worldmodels.config import Config, ConfigError
 from worldmodels.evaluation import current_results
 from worldmodels.runs import (
-    ABLATIONS_FOLDER, BEST_WEIGHTS, CONFIG_FILE, DONE_FILE, FINAL_FOLDER, HISTORY_FILE, METRICS_FILE, SELECTION_FILE,
-    RunDir, RunDirError, as_run_dir, atomic_path, read_json,
+    ABLATIONS_FOLDER, BEST_WEIGHTS, CONFIG_FILE, DONE_FILE, ES_CHECKPOINT, FINAL_FOLDER, HISTORY_FILE, METRICS_FILE, SELECTION_FILE,
+    RunDir, RunDirError, as_run_dir, atomic_path, file_sha256, read_json,
 )
 
 
@@ -56,7 +56,7 @@ class Ablation:
 
     label: str
     overrides: dict[str, Any]
-    """Changes to the main run's config (dotted names)."""
+    """Changes to the main run's config (dotted names); a continued row's, to the final stage's."""
     paper: str
     """The score reported for this setting (the paper, or Tallec et al. for an untrained M)."""
 
@@ -74,16 +74,27 @@ FINAL = FINAL_FOLDER
 """The name of the final stage's row (:mod:`worldmodels.final`), the run's agent once it is finished."""
 FINAL_ROW = Ablation("World Model after iterative training, a = W [z, h] + b", {}, "906 ± 21 (no iterations)")
 
-CONTINUED: dict[str, tuple[str, Ablation]] = {
-    "z_hidden_on": (
+
+
+class Continued(NamedTuple):
+    """A continued row: an ablation evolved on with the final stage's budget."""
+
+    base: str
+    """The ablation whose finished controller CMA-ES's mean starts at."""
+    row: Ablation
+
+
+CONTINUED: dict[str, Continued] = {
+    "z_hidden_on": Continued(
         "z_hidden",
-        Ablation("V only, 40 tanh hidden units, evolved on at the final stage's budget", {"controller.kind": "z_hidden"}, "788 ± 141"),
+        Ablation("V only, 40 tanh hidden units, + the final stage's budget", {"controller.kind": "z_hidden"},
+                 "788 ± 141 (not evolved on)"),
     ),
 }
-"""Rows that give an ablation the final stage's extra budget, so that the book's agent is compared at
-equal budget: name to (the ablation it continues, its row). Such a row evolves on from the
-ablation's finished controller (CMA-ES's mean starts there) with the final stage's config, its
-CMA-ES settings and tracks included (:func:`continued_config`); it needs the run's final stage."""
+"""Rows that give an ablation the final stage's extra budget, so that the run's agent is compared
+with it at equal budget. Such a row evolves on from the ablation's finished controller with the
+final stage's config, its CMA-ES settings and tracks included (:func:`continued_config`); it
+needs the run's final stage, and runs only when named (never in ``ablations --name all``)."""
 
 SEEDED = {"zh": MAIN_ROW, "z_hidden": ABLATIONS["z_hidden"]}
 """The rows trained again with other training seeds, by the controller kind in their runs' names."""
@@ -110,11 +121,11 @@ def seed_run_names(seeds: int) -> list[str]:
 
 
 def _parse(name: str) -> tuple[Ablation, dict[str, Any], int]:
-    """An ablation's, continued row's or seed run's row, its changes to the main run's config (besides the seed) and training seed."""
+    """An ablation's, continued row's or seed run's row, its config changes (besides the seed) and training seed."""
     if name in ABLATIONS:
         return ABLATIONS[name], ABLATIONS[name].overrides, 1
     if name in CONTINUED:
-        row = CONTINUED[name][1]
+        row = CONTINUED[name].row
         return row, row.overrides, 1
     match = _SEED_RUN.fullmatch(name)
     if match is None or int(match[1]) < 2:
@@ -150,9 +161,10 @@ def ablation_config(cfg: Config, name: str) -> Config:
 
 def continued_config(run: str | Path | RunDir, name: str) -> Config:
     """Continued row `name`'s config (:data:`CONTINUED`): the run's final stage's recorded config
-    (its CMA-ES settings and tracks) with the row's change, on no iteration's M, and ``cma.x0``
-    empty: :func:`run_ablation` starts the mean at the continued ablation's controller when it
-    runs, and ``controller/done.json`` records that file and its hash.
+    (its CMA-ES settings and tracks, and its runtime fields, which a caller may replace) with the
+    row's change, on no iteration's M, and ``cma.x0`` empty: :func:`run_ablation` starts the mean
+    at the continued ablation's controller when it runs, and ``controller/done.json`` records that
+    file and its hash.
 
     A run without a final stage raises :class:`~worldmodels.runs.RunDirError` naming it."""
     from worldmodels.final import final_run
@@ -163,10 +175,10 @@ def continued_config(run: str | Path | RunDir, name: str) -> Config:
     final = final_run(main)
     if final is None:
         raise RunDirError(
-            f"{main.path / FINAL_FOLDER / CONFIG_FILE}: no final stage; {name!r} evolves with its CMA-ES settings "
+            f"{main.path / FINAL_FOLDER / CONFIG_FILE}: no final stage; {name!r} evolves with the final stage's CMA-ES settings "
             f"(python -m worldmodels final --run-dir {main.path} first)"
         )
-    return final.load_config().replace(**CONTINUED[name][1].overrides, **{"cma.x0": "", "iterate.final_iteration": 0})
+    return final.load_config().replace(**CONTINUED[name].row.overrides, **{"cma.x0": "", "iterate.final_iteration": 0})
 
 
 class Paired(NamedTuple):
@@ -239,12 +251,16 @@ def run_ablation(
     resumes like every stage.
 
     V (and M where the ablation reads a trained one) are copied from the main run, which
-    must have finished them; an untrained M is built from ``cfg.train_seed``. A continued row
-    (:data:`CONTINUED`) has the config of :func:`continued_config` and starts from its
-    ablation's finished controller, which must be there. The
+    must have finished them; an untrained M is built from ``cfg.train_seed``. The
     controller is evolved with ``cfg.cma`` in ``RUN/ablations/NAME/controller`` and, once
     finished, evaluated on ``cfg.eval``'s tracks into ``RUN/ablations/NAME/eval/results.json``.
     Returns those results, or None while the controller is unfinished.
+
+    A continued row (:data:`CONTINUED`) is the exception: its CMA-ES settings and evaluation tracks
+    are the final stage's (:func:`continued_config`), of `cfg` only the runtime fields count
+    (workers, device), and `cfg` must otherwise be the main run's recorded config. It starts from
+    its ablation's finished controller; once started, it refuses to go on if that controller
+    changed (the ablation evolved further), naming the file to delete to start over.
     """
     from worldmodels.evaluation import evaluate_run
     from worldmodels.evolution import is_finished
@@ -252,21 +268,12 @@ def run_ablation(
     from worldmodels.train import train_mdrnn
 
     main = as_run_dir(run)
-    main_cfg = main.bind(cfg)
     sub = ablation_dir(main, name)
     if name in CONTINUED:
-        continued = continued_config(main, name).replace(**main_cfg.runtime_fields())
-        base_name = CONTINUED[name][0]
-        base = ablation_dir(main, base_name)
-        base_cfg = base.load_config()
-        if base_cfg is None or not is_finished(base.controller, base_cfg.cma):
-            raise RunDirError(
-                f"{base.controller}: ablation {base_name!r} is not finished, and {name!r} evolves on from its controller "
-                f"(python -m worldmodels ablations --name {base_name} --run-dir {main.path} first)"
-            )
-        sub_cfg = sub.bind(continued).replace(**{"cma.x0": str(base.controller / BEST_WEIGHTS["controller"])})  # read at generation 0 only
+        continued, start = _continued_start(cfg, main, sub, name)
+        sub_cfg = sub.bind(continued).replace(**{"cma.x0": str(start)})  # x0 is read at generation 0 only
     else:
-        sub_cfg = sub.bind(ablation_config(main_cfg, name))
+        sub_cfg = sub.bind(ablation_config(main.bind(cfg), name))
     _share(main, sub, "vae")
     if sub_cfg.controller.kind == "zh":
         if sub_cfg.mdrnn.untrained:
@@ -282,6 +289,40 @@ def run_ablation(
     if not evaluate:
         return None
     return evaluate_run(sub, sub_cfg)
+
+
+def _continued_start(cfg: Config, main: RunDir, sub: RunDir, name: str) -> tuple[Config, Path]:
+    """Continued row `name`'s config (with `cfg`'s runtime fields) and its ablation's controller,
+    where CMA-ES's mean starts, after checking `cfg` against the main run, and the ablation:
+    finished before the row starts, unchanged since."""
+    from worldmodels.evolution import is_finished
+
+    continued = continued_config(main, name)  # first: a run without a final stage is told so
+    recorded = main.load_config()
+    differences = recorded.differences(cfg) if recorded is not None else []
+    if differences:
+        raise ConfigError(
+            f"{name!r} takes its CMA-ES settings from {main.path / FINAL_FOLDER / CONFIG_FILE}, and the rest of the "
+            f"config must be the run's; recorded != requested: {'; '.join(differences)}"
+        )
+    base = ablation_dir(main, CONTINUED[name].base)
+    start = base.controller / BEST_WEIGHTS["controller"]
+    done = sub.controller / DONE_FILE
+    if done.exists():
+        recorded = read_json(done).get("start", {}).get("sha256")
+        if recorded != (file_sha256(start) if start.exists() else None):
+            raise RunDirError(
+                f"{done}: {name!r} started from another {start} than the one there now (ablation "
+                f"{CONTINUED[name].base!r} evolved further); delete {sub.path} to start it over"
+            )
+    elif not (sub.controller / ES_CHECKPOINT).exists():
+        base_cfg = base.load_config()
+        if base_cfg is None or not is_finished(base.controller, base_cfg.cma):
+            raise RunDirError(
+                f"{base.controller}: ablation {CONTINUED[name].base!r} is not finished, and {name!r} evolves on from its "
+                f"controller (python -m worldmodels ablations --name {CONTINUED[name].base} --run-dir {main.path} first)"
+            )
+    return continued.replace(**cfg.runtime_fields()), start
 
 
 def _row(name: str, ablation: Ablation, run: RunDir, seed: int = 1) -> dict[str, Any]:
@@ -327,13 +368,13 @@ def _seed_runs(main: RunDir) -> list[tuple[str, int]]:
 
 def histories(run: str | Path | RunDir) -> dict[str, Path]:
     """The CMA-ES learning curves of a main run, of its final stage and of each of its ablations
-    and continued rows that has one: the row's label (the main run's first) to its ``controller/history.csv``."""
+    and continued rows that have one: the row's label (the main run's first) to its ``controller/history.csv``."""
     from worldmodels.final import FinalRun
 
     main = as_run_dir(run)
     paths = {MAIN_ROW.label: main.controller / HISTORY_FILE, FINAL_ROW.label: FinalRun(main).controller / HISTORY_FILE}
     paths.update({ablation.label: ablation_dir(main, name).controller / HISTORY_FILE for name, ablation in ABLATIONS.items()})
-    paths.update({row.label: ablation_dir(main, name).controller / HISTORY_FILE for name, (_, row) in CONTINUED.items()})
+    paths.update({c.row.label: ablation_dir(main, name).controller / HISTORY_FILE for name, c in CONTINUED.items()})
     return {label: path for label, path in paths.items() if path.exists()}
 
 
@@ -348,10 +389,10 @@ def cpu_hour_curves(run: str | Path | RunDir, cores: int) -> dict[str, tuple[Pat
     seconds = controller_seconds(run)
     starts = {FINAL_ROW.label: sum(v for k, v in seconds.items() if k != "final")}
     paths = histories(run)
-    for name, (base_name, row) in CONTINUED.items():
-        base_label = ABLATIONS[base_name].label
-        if row.label in paths and base_label in paths:
-            starts[row.label] = history_seconds(read_history(paths[base_label]))
+    for continued in CONTINUED.values():
+        base_label = ABLATIONS[continued.base].label
+        if continued.row.label in paths and base_label in paths:
+            starts[continued.row.label] = history_seconds(read_history(paths[base_label]))
     return {label: (path, cores, starts.get(label, 0.0) / 3600 * cores) for label, path in paths.items()}
 
 
@@ -376,7 +417,7 @@ def table(run: str | Path | RunDir) -> list[dict[str, Any]]:
     if final is not None:
         rows.append(_row(FINAL, FINAL_ROW, final))
         results[FINAL] = current_results(final)
-    for name, ablation in [*ABLATIONS.items(), *((name, row) for name, (_, row) in CONTINUED.items())]:
+    for name, ablation in [*ABLATIONS.items(), *((name, c.row) for name, c in CONTINUED.items())]:
         sub = ablation_dir(main, name)
         if sub.config_path.exists():
             rows.append(_row(name, ablation, sub))

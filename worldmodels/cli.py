@@ -375,12 +375,14 @@ def run_final(args: Final) -> None:
 @dataclasses.dataclass
 class Ablations(Common):
     """The paper's ablations of the run in RUN_DIR at its CMA-ES budget (V only, V only with a
-    hidden layer, an untrained M), each in RUN_DIR/ablations/NAME, evaluated like the run; prints the table."""
+    hidden layer, an untrained M), each in RUN_DIR/ablations/NAME, evaluated like the run; prints the table.
+    'z_hidden_on' evolves the finished 'z_hidden' on at the budget of the run's final stage instead."""
 
     name: str = "all"
     """Which ablation: 'z', 'z_hidden', 'untrained_m', a seed run ('seed2_zh', 'seed2_z_hidden', ...),
-    'z_hidden_on' ('z_hidden' evolved on at the final stage's budget; the run needs a final stage),
-    or 'all' (one after another; 'z_hidden_on' too when the run has a final stage)."""
+    or 'all' (those three and the seed runs, one after another); or 'z_hidden_on', only by name:
+    'z_hidden' evolved on with the CMA-ES settings in RUN_DIR/final/config.json (the --cma options
+    must then be the run's own)."""
     seeds: int = 1
     """Training seeds of the full model and of the hidden-layer V-only controller: with 'all', 2 or
     more also trains RUN_DIR/ablations/seedK_zh and seedK_z_hidden for K = 2..seeds."""
@@ -391,15 +393,11 @@ class Ablations(Common):
 
 
 def run_ablations(args: Ablations) -> None:
-    from worldmodels.ablations import (
-        ABLATIONS, CONTINUED, ablation_dir, format_table, run_ablation, seed_run_names, table,
-    )
-    from worldmodels.final import final_run
+    from worldmodels.ablations import ABLATIONS, ablation_dir, format_table, run_ablation, seed_run_names, table
 
     if args.seeds < 1:
         raise ConfigError(f"--seeds {args.seeds} is out of range: allowed [1, inf]")
-    continued = [*CONTINUED] if final_run(args.run_dir) is not None else []
-    names = [*ABLATIONS, *continued, *seed_run_names(args.seeds)] if args.name == "all" else [args.name]
+    names = [*ABLATIONS, *seed_run_names(args.seeds)] if args.name == "all" else [args.name]
     try:
         for name in names:
             ablation_dir(args.run_dir, name)
