@@ -16,7 +16,7 @@ from worldmodels.config import ConfigError, preset
 from worldmodels.controller import ControllerShape, load_controller, save_controller
 from worldmodels.evaluation import evaluate_run
 from worldmodels.evolution import read_history
-from worldmodels.final import FinalRun, agent_run, controller_seconds, is_final_finished, train_final
+from worldmodels.final import FinalRun, agent_run, controller_seconds, final_config, is_final_finished, train_final
 from worldmodels.mdrnn import MDRNN
 from worldmodels.rollout import Agent
 from worldmodels.runs import (
@@ -60,6 +60,8 @@ def test_the_final_stage_drives_with_the_iterations_M_and_starts_from_its_dream_
     assert recorded.iterate.final_iteration == 2  # 0 chose the iteration whose dream controller scored best
     assert recorded.cma.population == 6 and recorded.cma.x0 == ""  # its own CMA-ES; no machine's path recorded
     assert recorded.vae == run.load_config().vae and recorded.mdrnn == run.load_config().mdrnn
+    assert final_config(cfg.replace(**{"data.workers": 3, "device": "cpu"}), run, 2).runtime_fields() == {
+        **recorded.runtime_fields(), "data.workers": 3, "device": "cpu"}  # the caller's, however the run recorded them
     agent = Agent.from_run(final, recorded)
     iteration_m = load_tensors(iteration_folder(run, 2) / "mdrnn" / BEST_WEIGHTS["mdrnn"])
     assert all(torch.equal(agent.mdrnn.state_dict()[k], v) for k, v in iteration_m.items())

@@ -59,7 +59,7 @@ def start_controller(run: RunDir, iteration: int) -> Path:
 
 def final_config(cfg: Config, run: str | Path | RunDir, iteration: int) -> Config:
     """The final stage's config: the run's recorded one with `cfg`'s ``cma`` section (its own
-    CMA-ES settings) and ``iterate.final_iteration`` = `iteration`. Its ``cma.x0`` is empty: the
+    CMA-ES settings), `cfg`'s runtime fields (device, workers) and ``iterate.final_iteration`` = `iteration`. Its ``cma.x0`` is empty: the
     stage sets it to the iteration's dream controller when it runs (:func:`start_controller`;
     ``controller/done.json`` records the file and its hash), so no path of one machine is recorded.
 
@@ -89,7 +89,8 @@ def final_config(cfg: Config, run: str | Path | RunDir, iteration: int) -> Confi
     start = start_controller(run, iteration)
     if not start.exists():
         raise RunDirError(f"{start}: iteration {iteration} has no controller to start the final stage from")
-    return recorded.replace(cma={**cfg.to_dict()["cma"], "x0": ""}, **{"iterate.final_iteration": iteration})
+    final = recorded.replace(cma={**cfg.to_dict()["cma"], "x0": ""}, **{"iterate.final_iteration": iteration})
+    return final.replace(**cfg.runtime_fields())  # and how fast it runs: the caller's device and workers
 
 
 def final_run(run: str | Path | RunDir) -> FinalRun | None:
