@@ -39,6 +39,8 @@ COINCIDENCES = {
     ("07_results.ipynb", "120"): "Tallec et al.'s spread, 870 ± 120",
     ("07_results.ipynb", "21"): "the paper's spread, 906 ± 21",
     ("07_results.ipynb", "64"): "the paper's 64 cores and 64 candidates",
+    ("07_results.ipynb", "4.8"): "the days of the authors' log at generation 200",
+    ("07_results.ipynb", "16"): "the first controller's 16 candidates, the paper's 16 episodes per candidate",
     ("intro.md", "64"): "the frame's 64 x 64 pixels",
     ("08_scaling.ipynb", "16"): "the paper's episodes per candidate, 64 x 16",
     ("intro.md", "0.4"): "M's size, 0.4 M parameters",
