@@ -75,7 +75,6 @@ FINAL = FINAL_FOLDER
 FINAL_ROW = Ablation("World Model after iterative training, a = W [z, h] + b", {}, "906 ± 21 (no iterations)")
 
 
-
 class Continued(NamedTuple):
     """A continued row: an ablation evolved on with the final stage's budget."""
 
@@ -309,8 +308,8 @@ def _continued_start(cfg: Config, main: RunDir, sub: RunDir, name: str) -> tuple
     start = base.controller / BEST_WEIGHTS["controller"]
     done = sub.controller / DONE_FILE
     if done.exists():
-        recorded = read_json(done).get("start", {}).get("sha256")
-        if recorded != (file_sha256(start) if start.exists() else None):
+        started_from = read_json(done).get("start", {}).get("sha256")
+        if started_from != (file_sha256(start) if start.exists() else None):
             raise RunDirError(
                 f"{done}: {name!r} started from another {start} than the one there now (ablation "
                 f"{CONTINUED[name].base!r} evolved further); delete {sub.path} to start it over"
