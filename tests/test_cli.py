@@ -102,6 +102,17 @@ def test_a_continued_row_without_a_final_stage_is_a_one_line_error(fake_run):
         out.stderr.strip().splitlines()[-1])
 
 
+def test_train_controller_with_no_generations_records_the_config_and_trains_nothing(fake_run):
+    from worldmodels.config import preset
+
+    run = fake_run(preset("tiny").replace(**{"cma.seed": 7}))
+    out = run_cli("train-controller", "--scale", "tiny", "--run-dir", str(run.path), "--cma.seed", "7",
+                  "--max-generations", "0", "--quiet")
+    assert out.stdout.strip().splitlines()[-1] == f"0 generations in {run.controller}"
+    assert json.loads(run.config_path.read_text())["cma"]["seed"] == 7
+    assert not (run.controller / "history.csv").exists()
+
+
 def test_pipeline_on_finished_v_and_m_collects_nothing(fake_run):
     from worldmodels.config import preset
 

@@ -237,7 +237,7 @@ def _print_evolution(out: Path) -> None:
     """One line on the CMA-ES run in `out`: generations, best validation mean, the final selection."""
     from worldmodels.evolution import read_history
 
-    history = read_history(out / HISTORY_FILE)
+    history = read_history(out / HISTORY_FILE) if (out / HISTORY_FILE).exists() else []  # --max-generations 0
     validated = [r for r in history if r["val_mean"] is not None]
     line = f"{len(history)} generations in {out}"
     if validated:
