@@ -92,6 +92,33 @@ def test_ablations_with_two_seeds_trains_the_seed_runs_after_the_ablations(tmp_p
     assert trained == ["z", "z_hidden", "untrained_m"]
 
 
+def test_a_seed_run_trained_in_a_long_run_folder_is_evaluated_where_it_lands(fake_run, tmp_path):
+    # the route of longruns/README.md: make the folder, evolve it elsewhere by train-controller, copy it back
+    import shutil
+
+    from worldmodels.ablations import SEED_STRIDE
+    from worldmodels.config import preset
+
+    cfg = preset("tiny")
+    run = fake_run(cfg)
+    seed_run = run.path / "ablations" / "seed2_zh"
+    run_cli("ablations", "--scale", "tiny", "--run-dir", str(run.path), "--name", "seed2_zh", "--max-generations", "0",
+            "--quiet")
+    assert not (seed_run / "controller").exists() and (seed_run / "mdrnn" / "done.json").exists()
+    longrun = tmp_path / "longruns" / "seed2-zh"
+    shutil.copytree(seed_run, longrun)
+    run_cli("train-controller", "--scale", "tiny", "--run-dir", str(longrun),
+            "--cma.seed", str(cfg.cma.seed + SEED_STRIDE), "--quiet")
+    shutil.rmtree(seed_run)
+    shutil.copytree(longrun, seed_run)
+    history = (seed_run / "controller" / "history.csv").read_text()
+    out = run_cli("ablations", "--scale", "tiny", "--run-dir", str(run.path), "--name", "seed2_zh", "--quiet")
+    assert (seed_run / "controller" / "history.csv").read_text() == history  # evaluated, not evolved again
+    results = json.loads((seed_run / "eval" / "results.json").read_text())
+    assert results["episodes"] == cfg.eval.episodes
+    assert f"{results['mean']:.0f} ± {results['std']:.0f}" in out.stdout.split("(training seed 2)")[1].splitlines()[0]
+
+
 def test_a_continued_row_without_a_final_stage_is_a_one_line_error(fake_run):
     from worldmodels.config import preset
 
